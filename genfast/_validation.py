@@ -1,0 +1,64 @@
+"""Argument checks shared by every public op: each error names the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_float_tensor(x, name: str, *, min_dim: int = 0, dim: int | None = None) -> None:
+    """``x`` is a floating-point tensor of fp32/bf16/fp16/fp64 with at least ``min_dim`` (or exactly ``dim``) dims."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16 or float64), got {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(x.shape)}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_like(x, name: str, ref: torch.Tensor, ref_name: str, *, shape=None, same_dtype: bool = False) -> None:
+    """``x`` is a float tensor on ``ref``'s device with shape ``shape`` (default: ``ref``'s shape)."""
+    check_float_tensor(x, name)
+    expected = tuple(ref.shape) if shape is None else tuple(shape)
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected} (from {ref_name}), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}: they must be on one device")
+    if same_dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
+
+
+def check_generator(generator, device: torch.device) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def batch_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when it is dense with the batch dimension outermost in memory (contiguous or channels_last),
+    else a contiguous copy. The kernels and the noise stream index such tensors by memory position."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def check_timesteps_range(t: torch.Tensor, num_steps: int, name: str = "t") -> None:
+    """Every entry of the integer tensor ``t`` lies in [0, num_steps). Reads the values (a sync on CUDA)."""
+    if t.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0 or hi >= num_steps:
+        raise ValueError(f"{name} must lie in [0, {num_steps}), got values in [{lo}, {hi}]")
+
+
+def match_layout(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` in ``ref``'s memory layout (and ``dtype``, default ``x``'s): a copy only when strides or dtype differ."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.stride() == ref.stride() and x.dtype == dtype:
+        return x
+    return torch.empty_like(ref, dtype=dtype).copy_(x)

@@ -1,0 +1,107 @@
+"""VAE ops: reparameterization with in-kernel noise, the Gaussian KL term, and both fused in one pass."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._backend import resolve_backend
+from .._rng import draw_seed
+from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
+from ..reference import vae as ref
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from ..kernels import reparameterize as kernels
+
+        return kernels
+    return ref
+
+
+@torch.library.custom_op("genfast::reparameterize_kl", mutates_args=())
+def _reparameterize_kl_op(
+    mu: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, want_z: bool, want_kl: bool, backend: str
+) -> tuple[Tensor, Tensor]:
+    return _impl(backend).reparameterize_kl(mu, logvar, noise, seed, want_z, want_kl)
+
+
+@_reparameterize_kl_op.register_fake
+def _(mu, logvar, noise, seed, want_z, want_kl, backend):
+    z = torch.empty_like(mu) if want_z else mu.new_empty(0)
+    kl_dtype = ref.compute_dtype(mu)
+    kl = mu.new_empty(mu.shape[0] if want_kl else 0, dtype=kl_dtype)
+    return z, kl
+
+
+@torch.library.custom_op("genfast::reparameterize_kl_backward", mutates_args=())
+def _reparameterize_kl_backward_op(
+    grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, noise: Optional[Tensor],
+    seed: Tensor, backend: str,
+) -> tuple[Tensor, Tensor]:
+    return _impl(backend).reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, noise, seed)
+
+
+@_reparameterize_kl_backward_op.register_fake
+def _(grad_z, grad_kl, mu, logvar, noise, seed, backend):
+    return torch.empty_like(mu), torch.empty_like(logvar)
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, noise, seed, want_z, want_kl, backend = inputs
+    ctx.save_for_backward(mu, logvar, noise, seed)
+    ctx.want_z, ctx.want_kl, ctx.backend = want_z, want_kl, backend
+
+
+def _backward(ctx, grad_z, grad_kl):
+    mu, logvar, noise, seed = ctx.saved_tensors
+    # the kernels index the incoming gradient by memory position, like mu
+    grad_z = match_layout(grad_z, mu) if ctx.want_z and grad_z is not None else None
+    grad_kl = grad_kl.contiguous() if ctx.want_kl and grad_kl is not None else None
+    if grad_z is None and grad_kl is None:
+        return None, None, None, None, None, None, None
+    grad_mu, grad_logvar = _reparameterize_kl_backward_op(grad_z, grad_kl, mu, logvar, noise, seed, ctx.backend)
+    return grad_mu, grad_logvar, None, None, None, None, None
+
+
+_reparameterize_kl_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _prepare(mu, logvar, noise, generator, *, need_noise: bool):
+    check_float_tensor(mu, "mu", min_dim=1)
+    check_like(logvar, "logvar", mu, "mu", same_dtype=True)
+    mu = batch_major(mu)
+    logvar = match_layout(logvar, mu)
+    if noise is not None:
+        check_like(noise, "noise", mu, "mu")
+        noise = match_layout(noise, mu, dtype=mu.dtype)
+    check_generator(generator, mu.device)
+    if need_noise and noise is None:
+        seed = draw_seed(mu.device, generator)
+    else:
+        seed = torch.zeros(2, dtype=torch.int64, device=mu.device)
+    return mu, logvar, noise, seed, resolve_backend(mu.device, mu.dtype)
+
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,
+                      generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """(z, kl) in one pass: z = μ + exp(½·logvar)·ε and kl = ½·Σ(μ² + e^logvar − 1 − logvar) over all dims but the
+    first, shape (B,), fp32. ε is ``noise`` when given, else Philox noise drawn in the kernel from a seed taken
+    from ``generator`` (torch's default when None) and regenerated in the backward, never stored."""
+    mu, logvar, noise, seed, backend = _prepare(mu, logvar, noise, generator, need_noise=True)
+    return _reparameterize_kl_op(mu, logvar, noise, seed, True, True, backend)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """z = μ + exp(½·logvar)·ε, with ε as in :func:`reparameterize_kl`."""
+    mu, logvar, noise, seed, backend = _prepare(mu, logvar, noise, generator, need_noise=True)
+    return _reparameterize_kl_op(mu, logvar, noise, seed, True, False, backend)[0]
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) = ½·Σ(μ² + e^logvar − 1 − logvar), summed over every dim but the first: shape (B,),
+    fp32 (fp64 for fp64 inputs)."""
+    mu, logvar, noise, seed, backend = _prepare(mu, logvar, None, None, need_noise=False)
+    return _reparameterize_kl_op(mu, logvar, noise, seed, False, True, backend)[1]

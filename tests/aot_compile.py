@@ -1,0 +1,45 @@
+"""Compile every variant of one genfast.kernels module for one GPU arch, ahead of time, without a GPU.
+
+Run as ``python tests/aot_compile.py MODULE ARCH`` in a process without TRITON_INTERPRET (the interpreter replaces
+``@triton.jit``). Prints one line per variant; exits 1 on any compile error or local-memory spill in the PTX.
+"""
+import importlib
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_variant(kernel, signature, constexprs, num_warps, arch):
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def main(module_name: str, arch: int) -> int:
+    module = importlib.import_module(f"genfast.kernels.{module_name}")
+    failures = 0
+    count = 0
+    for kernel, signature, constexprs, num_warps in module.aot_variants():
+        count += 1
+        what = f"{kernel.fn.__name__} {constexprs} num_warps={num_warps} sm_{arch}"
+        try:
+            compiled = compile_variant(kernel, signature, constexprs, num_warps, arch)
+        except Exception as exc:  # report every failing variant, not just the first
+            failures += 1
+            print(f"FAIL {what}: {type(exc).__name__}: {exc}")
+            continue
+        ptx = compiled.asm["ptx"]
+        if "ld.local" in ptx or "st.local" in ptx:
+            failures += 1
+            print(f"SPILL {what}: local-memory loads/stores in the PTX")
+        elif not compiled.asm.get("cubin"):
+            failures += 1
+            print(f"FAIL {what}: no cubin")
+    print(f"{module_name} sm_{arch}: {count} variants, {failures} failed")
+    return 1 if failures or not count else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
