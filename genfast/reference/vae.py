@@ -4,6 +4,8 @@ Math in fp32 (fp64 for fp64 inputs); z in the input dtype; kl of shape (B,) in f
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .random import noise_like
@@ -27,7 +29,8 @@ def reparameterize_kl(mu, logvar, noise, seed, want_z: bool, want_kl: bool):
     if want_z:
         z = (mu_c + torch.exp(0.5 * logvar_c) * _noise(mu, noise, seed, dtype)).to(mu.dtype)
     if want_kl:
-        kl = 0.5 * (mu_c * mu_c + torch.exp(logvar_c) - 1.0 - logvar_c).reshape(mu.shape[0], -1).sum(1)
+        terms = mu_c * mu_c + torch.exp(logvar_c) - 1.0 - logvar_c
+        kl = 0.5 * terms.reshape(mu.shape[0], math.prod(mu.shape[1:])).sum(1)
     return z, kl
 
 
