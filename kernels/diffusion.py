@@ -1,0 +1,312 @@
+"""Fused diffusion ops: q_sample, the DDPM and DDIM steps (per-sample affine maps) and the ε-prediction MSE.
+
+q_sample, ddpm_step and ddim_step compute out = a_b·x + b_b·y + c_b·ε, as in ``genfast.reference.diffusion``.
+Grid (cdiv(D, BLOCK), B) over tensors of shape (B, ...) with D = numel / B elements per sample, batch outermost in
+memory: each program loads its sample's timestep and the float64 schedule entries at it once, combines them into
+a, b, c in fp64 scalars and runs the elementwise math in fp32. ε comes from memory (NOISE_LOADED), from the
+in-kernel Philox stream (NOISE_PHILOX), or is absent (NOISE_NONE). The MSE regenerates ε from the seed in its
+forward and its backward and sums per-program partials (B, n_chunks) in a fixed order.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .random import load_philox_key, philox_normal_block
+
+# ---- heuristics: the one place block sizes and warps are chosen ---------------------------------------------
+BLOCKS = (256, 1024)
+MAX_GRID_SAMPLES = 65535  # CUDA's limit on grid axis 1: larger batches launch in slices of samples
+
+
+def _config(sample_numel: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for D elements per sample."""
+    return (256, 2) if sample_numel <= 256 else (1024, 4)
+
+
+# where the forward kernels take ε from (the constexpr NOISE)
+NOISE_NONE, NOISE_LOADED, NOISE_PHILOX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _block(sample_base, sample_numel, BLOCK: tl.constexpr):
+    """(sample, first column, int64 offsets, mask) of this program."""
+    sample = sample_base + tl.program_id(1)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    cols = start + tl.arange(0, BLOCK)
+    return sample, start, sample.to(tl.int64) * sample_numel + cols, cols < sample_numel
+
+
+@triton.jit
+def _noise(noise_ptr, seed_ptr, sample, start, offs, mask, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 ε of this block: loaded (NOISE_LOADED) or the Philox stream of ``seed`` (NOISE_PHILOX)."""
+    if NOISE == NOISE_LOADED:
+        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        key, off_lo, off_hi = load_philox_key(seed_ptr)
+        eps = philox_normal_block(key, off_lo, off_hi, sample, start, BLOCK)
+    return eps
+
+
+@triton.jit
+def _affine_fwd(x_ptr, y_ptr, noise_ptr, seed_ptr, out_ptr, a, b, c, sample, start, offs, mask,
+                HAS_Y: tl.constexpr, NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    """out = a·x + b·y + c·ε on this block."""
+    out = a * tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Y:
+        out += b * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if NOISE != NOISE_NONE:
+        out += c * _noise(noise_ptr, seed_ptr, sample, start, offs, mask, NOISE, BLOCK)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_bwd(grad_ptr, grad_x_ptr, grad_y_ptr, a, b, offs, mask, HAS_Y: tl.constexpr):
+    """dx = a·g and dy = b·g on this block."""
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_x_ptr + offs, (a * g).to(grad_x_ptr.dtype.element_ty), mask=mask)
+    if HAS_Y:
+        tl.store(grad_y_ptr + offs, (b * g).to(grad_y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _q_sample_coefficients(t, sqrt_ac_ptr, sqrt_1m_ac_ptr):
+    """(√ᾱ_t, √(1−ᾱ_t)) in fp32."""
+    return tl.load(sqrt_ac_ptr + t).to(tl.float32), tl.load(sqrt_1m_ac_ptr + t).to(tl.float32)
+
+
+@triton.jit
+def _ddpm_coefficients(t, sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr, var_ptr):
+    """(c2 + c1/√ᾱ_t, −c1·√(1−ᾱ_t)/√ᾱ_t, √β̃_t), combined in fp64, in fp32."""
+    sqrt_ac = tl.load(sqrt_ac_ptr + t)
+    coef1 = tl.load(coef1_ptr + t)
+    a = tl.load(coef2_ptr + t) + coef1 / sqrt_ac
+    b = -coef1 * tl.load(sqrt_1m_ac_ptr + t) / sqrt_ac
+    c = tl.sqrt(tl.load(var_ptr + t))
+    return a.to(tl.float32), b.to(tl.float32), c.to(tl.float32)
+
+
+@triton.jit
+def _ddim_coefficients(t, t_prev, eta, ac_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr):
+    """(√ᾱ_p/√ᾱ_t, √(1−ᾱ_p−σ²) − √ᾱ_p·√(1−ᾱ_t)/√ᾱ_t, σ), combined in fp64, in fp32; ᾱ_p = 1 for t_prev < 0."""
+    has_prev = t_prev >= 0
+    prev = tl.maximum(t_prev, 0)
+    ac = tl.load(ac_ptr + t)
+    ac_prev = tl.where(has_prev, tl.load(ac_ptr + prev), 1.0)
+    sqrt_ac_prev = tl.where(has_prev, tl.load(sqrt_ac_ptr + prev), 1.0)
+    variance = (1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev)
+    sigma = tl.where(eta > 0, eta * tl.sqrt(variance), 0.0)
+    a = sqrt_ac_prev / tl.load(sqrt_ac_ptr + t)
+    b = tl.sqrt(1.0 - ac_prev - sigma * sigma) - a * tl.load(sqrt_1m_ac_ptr + t)
+    return a.to(tl.float32), b.to(tl.float32), sigma.to(tl.float32)
+
+
+@triton.jit
+def _q_sample_fwd_kernel(
+    x0_ptr, t_ptr, noise_ptr, seed_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, out_ptr, sample_base, sample_numel,
+    NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    a, c = _q_sample_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr)
+    _affine_fwd(x0_ptr, x0_ptr, noise_ptr, seed_ptr, out_ptr, a, 0.0, c, sample, start, offs, mask,
+                False, NOISE, BLOCK)
+
+
+@triton.jit
+def _q_sample_bwd_kernel(
+    grad_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, grad_x0_ptr, sample_base, sample_numel, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    a, _ = _q_sample_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr)
+    _affine_bwd(grad_ptr, grad_x0_ptr, grad_x0_ptr, a, 0.0, offs, mask, False)
+
+
+@triton.jit
+def _ddpm_fwd_kernel(
+    model_output_ptr, t_ptr, x_ptr, noise_ptr, seed_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr,
+    var_ptr, out_ptr, sample_base, sample_numel, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    a, b, c = _ddpm_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr,
+                                 var_ptr)
+    _affine_fwd(x_ptr, model_output_ptr, noise_ptr, seed_ptr, out_ptr, a, b, c, sample, start, offs, mask,
+                True, NOISE, BLOCK)
+
+
+@triton.jit
+def _ddpm_bwd_kernel(
+    grad_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr, var_ptr, grad_model_output_ptr,
+    grad_x_ptr, sample_base, sample_numel, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    a, b, _ = _ddpm_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr,
+                                 var_ptr)
+    _affine_bwd(grad_ptr, grad_x_ptr, grad_model_output_ptr, a, b, offs, mask, True)
+
+
+@triton.jit
+def _ddim_fwd_kernel(
+    model_output_ptr, t_ptr, t_prev_ptr, x_ptr, noise_ptr, seed_ptr, ac_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr,
+    out_ptr, eta, sample_base, sample_numel, NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    a, b, c = _ddim_coefficients(tl.load(t_ptr + sample), tl.load(t_prev_ptr + sample), eta, ac_ptr, sqrt_ac_ptr,
+                                 sqrt_1m_ac_ptr)
+    _affine_fwd(x_ptr, model_output_ptr, noise_ptr, seed_ptr, out_ptr, a, b, c, sample, start, offs, mask,
+                True, NOISE, BLOCK)
+
+
+@triton.jit
+def _ddim_bwd_kernel(
+    grad_ptr, t_ptr, t_prev_ptr, ac_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, grad_model_output_ptr, grad_x_ptr, eta,
+    sample_base, sample_numel, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    a, b, _ = _ddim_coefficients(tl.load(t_ptr + sample), tl.load(t_prev_ptr + sample), eta, ac_ptr, sqrt_ac_ptr,
+                                 sqrt_1m_ac_ptr)
+    _affine_bwd(grad_ptr, grad_x_ptr, grad_model_output_ptr, a, b, offs, mask, True)
+
+
+@triton.jit
+def _noise_mse_fwd_kernel(
+    eps_hat_ptr, seed_ptr, partial_ptr, n_chunks, sample_base, sample_numel, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    eps = _noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, NOISE_PHILOX, BLOCK)
+    diff = tl.where(mask, eps_hat - eps, 0.0)
+    tl.store(partial_ptr + sample.to(tl.int64) * n_chunks + tl.program_id(0), tl.sum(diff * diff, axis=0))
+
+
+@triton.jit
+def _noise_mse_bwd_kernel(
+    grad_loss_ptr, eps_hat_ptr, seed_ptr, grad_ptr, scale, sample_base, sample_numel, BLOCK: tl.constexpr,
+):
+    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    diff = eps_hat - _noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, NOISE_PHILOX, BLOCK)
+    g = tl.load(grad_loss_ptr).to(tl.float32) * scale
+    tl.store(grad_ptr + offs, (g * diff).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launchers: the same signatures as genfast.reference.diffusion -------------------------------------------
+
+
+def _dims(x) -> tuple[int, int]:
+    """(B, D) of a (B, ...) tensor: its batch and the number of elements per sample."""
+    batch = x.shape[0]
+    return batch, x.numel() // batch if batch else 0
+
+
+def _launch(kernel, like, *args, **constexprs):
+    """Run ``kernel`` over the (B, ...) tensor ``like`` with trailing arguments (sample_base, sample_numel)."""
+    batch, sample_numel = _dims(like)
+    if sample_numel == 0:
+        return
+    block, num_warps = _config(sample_numel)
+    for base in range(0, batch, MAX_GRID_SAMPLES):
+        grid = (triton.cdiv(sample_numel, block), min(MAX_GRID_SAMPLES, batch - base))
+        kernel[grid](*args, base, sample_numel, **constexprs, BLOCK=block, num_warps=num_warps)
+
+
+def _noise_args(noise, seed, x, t):
+    """(noise pointer, seed pointer, NOISE) for the forward kernels; unused pointers get a tensor of their dtype."""
+    if noise is not None:
+        return noise, t, NOISE_LOADED.value
+    if seed is not None:
+        return x, seed, NOISE_PHILOX.value
+    return x, t, NOISE_NONE.value
+
+
+def q_sample(x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
+    out = torch.empty_like(x0)
+    noise, seed, mode = _noise_args(noise, seed, x0, t)
+    _launch(_q_sample_fwd_kernel, x0, x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
+            NOISE=mode)
+    return out
+
+
+def q_sample_backward(grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
+    grad_x0 = torch.empty_like(grad)
+    _launch(_q_sample_bwd_kernel, grad, grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, grad_x0)
+    return grad_x0
+
+
+def ddpm_step(model_output, t, x_t, noise, seed, *tables):
+    out = torch.empty_like(x_t)
+    noise, seed, mode = _noise_args(noise, seed, x_t, t)
+    _launch(_ddpm_fwd_kernel, x_t, model_output, t, x_t, noise, seed, *tables, out, NOISE=mode)
+    return out
+
+
+def ddpm_step_backward(grad, t, *tables):
+    grad_model_output, grad_x = torch.empty_like(grad), torch.empty_like(grad)
+    _launch(_ddpm_bwd_kernel, grad, grad, t, *tables, grad_model_output, grad_x)
+    return grad_model_output, grad_x
+
+
+def ddim_step(model_output, t, t_prev, x_t, noise, seed, eta, *tables):
+    out = torch.empty_like(x_t)
+    noise, seed, mode = _noise_args(noise, seed, x_t, t)
+    _launch(_ddim_fwd_kernel, x_t, model_output, t, t_prev, x_t, noise, seed, *tables, out, eta, NOISE=mode)
+    return out
+
+
+def ddim_step_backward(grad, t, t_prev, eta, *tables):
+    grad_model_output, grad_x = torch.empty_like(grad), torch.empty_like(grad)
+    _launch(_ddim_bwd_kernel, grad, grad, t, t_prev, *tables, grad_model_output, grad_x, eta)
+    return grad_model_output, grad_x
+
+
+def noise_mse(eps_hat, seed):
+    batch, sample_numel = _dims(eps_hat)
+    n_chunks = triton.cdiv(sample_numel, _config(sample_numel)[0])
+    partials = torch.empty((batch, n_chunks), dtype=torch.float32, device=eps_hat.device)
+    _launch(_noise_mse_fwd_kernel, eps_hat, eps_hat, seed, partials, n_chunks)
+    return partials.sum() / eps_hat.numel()
+
+
+def noise_mse_backward(grad_loss, eps_hat, seed):
+    grad = torch.empty_like(eps_hat)
+    scale = 2.0 / max(eps_hat.numel(), 1)  # an empty ε̂ has an empty gradient
+    _launch(_noise_mse_bwd_kernel, eps_hat, grad_loss, eps_hat, seed, grad, scale)
+    return grad
+
+
+def aot_variants():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
+    num_warps = {block: _config(block)[1] for block in BLOCKS}
+    scalars = {"sample_base": "i32", "sample_numel": "i32"}
+    for dtype in ("fp32", "bf16", "fp16"):
+        ptr = f"*{dtype}"
+        fwd = {
+            _q_sample_fwd_kernel: (dict(x0_ptr=ptr, t_ptr="*i64", noise_ptr=ptr, seed_ptr="*i64",
+                                        sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64", out_ptr=ptr),
+                                   (NOISE_LOADED, NOISE_PHILOX)),
+            _ddpm_fwd_kernel: (dict(model_output_ptr=ptr, t_ptr="*i64", x_ptr=ptr, noise_ptr=ptr, seed_ptr="*i64",
+                                    sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64", coef1_ptr="*fp64",
+                                    coef2_ptr="*fp64", var_ptr="*fp64", out_ptr=ptr),
+                               (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX)),
+            _ddim_fwd_kernel: (dict(model_output_ptr=ptr, t_ptr="*i64", t_prev_ptr="*i64", x_ptr=ptr, noise_ptr=ptr,
+                                    seed_ptr="*i64", ac_ptr="*fp64", sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64",
+                                    out_ptr=ptr, eta="fp32"),
+                               (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX)),
+        }
+        bwd = {
+            _q_sample_bwd_kernel: dict(grad_ptr=ptr, t_ptr="*i64", sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64",
+                                       grad_x0_ptr=ptr),
+            _ddpm_bwd_kernel: dict(grad_ptr=ptr, t_ptr="*i64", sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64",
+                                   coef1_ptr="*fp64", coef2_ptr="*fp64", var_ptr="*fp64",
+                                   grad_model_output_ptr=ptr, grad_x_ptr=ptr),
+            _ddim_bwd_kernel: dict(grad_ptr=ptr, t_ptr="*i64", t_prev_ptr="*i64", ac_ptr="*fp64",
+                                   sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64", grad_model_output_ptr=ptr,
+                                   grad_x_ptr=ptr, eta="fp32"),
+            _noise_mse_fwd_kernel: dict(eps_hat_ptr=ptr, seed_ptr="*i64", partial_ptr="*fp32", n_chunks="i32"),
+            _noise_mse_bwd_kernel: dict(grad_loss_ptr="*fp32", eps_hat_ptr=ptr, seed_ptr="*i64", grad_ptr=ptr,
+                                        scale="fp32"),
+        }
+        for block in BLOCKS:
+            for kernel, (sig, modes) in fwd.items():
+                for mode in modes:
+                    yield kernel, dict(sig, **scalars), dict(NOISE=mode.value, BLOCK=block), num_warps[block]
+            for kernel, sig in bwd.items():
+                yield kernel, dict(sig, **scalars), dict(BLOCK=block), num_warps[block]
