@@ -11,29 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import per_sample
+from .per_sample import dims, launch, sample_block
 from .random import load_philox_key, philox_normal_block
-
-# ---- heuristics: the one place block sizes and warps are chosen ---------------------------------------------
-BLOCKS = (256, 1024)
-MAX_GRID_SAMPLES = 65535  # CUDA's limit on grid axis 1: larger batches launch in slices of samples
-
-
-def _config(sample_numel: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for D elements per sample."""
-    return (256, 2) if sample_numel <= 256 else (1024, 4)
-
 
 # where the forward kernels take ε from (the constexpr NOISE)
 NOISE_NONE, NOISE_LOADED, NOISE_PHILOX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-
-
-@triton.jit
-def _block(sample_base, sample_numel, BLOCK: tl.constexpr):
-    """(sample, first column, int64 offsets, mask) of this program."""
-    sample = sample_base + tl.program_id(1)
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    cols = start + tl.arange(0, BLOCK)
-    return sample, start, sample.to(tl.int64) * sample_numel + cols, cols < sample_numel
 
 
 @triton.jit
@@ -105,7 +88,7 @@ def _q_sample_fwd_kernel(
     x0_ptr, t_ptr, noise_ptr, seed_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, out_ptr, sample_base, sample_numel,
     NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     a, c = _q_sample_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr)
     _affine_fwd(x0_ptr, x0_ptr, noise_ptr, seed_ptr, out_ptr, a, 0.0, c, sample, start, offs, mask,
                 False, NOISE, BLOCK)
@@ -115,7 +98,7 @@ def _q_sample_fwd_kernel(
 def _q_sample_bwd_kernel(
     grad_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, grad_x0_ptr, sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     a, _ = _q_sample_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr)
     _affine_bwd(grad_ptr, grad_x0_ptr, grad_x0_ptr, a, 0.0, offs, mask, False)
 
@@ -125,7 +108,7 @@ def _ddpm_fwd_kernel(
     model_output_ptr, t_ptr, x_ptr, noise_ptr, seed_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr,
     var_ptr, out_ptr, sample_base, sample_numel, NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     a, b, c = _ddpm_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr,
                                  var_ptr)
     _affine_fwd(x_ptr, model_output_ptr, noise_ptr, seed_ptr, out_ptr, a, b, c, sample, start, offs, mask,
@@ -137,7 +120,7 @@ def _ddpm_bwd_kernel(
     grad_ptr, t_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr, var_ptr, grad_model_output_ptr,
     grad_x_ptr, sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     a, b, _ = _ddpm_coefficients(tl.load(t_ptr + sample), sqrt_ac_ptr, sqrt_1m_ac_ptr, coef1_ptr, coef2_ptr,
                                  var_ptr)
     _affine_bwd(grad_ptr, grad_x_ptr, grad_model_output_ptr, a, b, offs, mask, True)
@@ -148,7 +131,7 @@ def _ddim_fwd_kernel(
     model_output_ptr, t_ptr, t_prev_ptr, x_ptr, noise_ptr, seed_ptr, ac_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr,
     out_ptr, eta, sample_base, sample_numel, NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     a, b, c = _ddim_coefficients(tl.load(t_ptr + sample), tl.load(t_prev_ptr + sample), eta, ac_ptr, sqrt_ac_ptr,
                                  sqrt_1m_ac_ptr)
     _affine_fwd(x_ptr, model_output_ptr, noise_ptr, seed_ptr, out_ptr, a, b, c, sample, start, offs, mask,
@@ -160,7 +143,7 @@ def _ddim_bwd_kernel(
     grad_ptr, t_ptr, t_prev_ptr, ac_ptr, sqrt_ac_ptr, sqrt_1m_ac_ptr, grad_model_output_ptr, grad_x_ptr, eta,
     sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     a, b, _ = _ddim_coefficients(tl.load(t_ptr + sample), tl.load(t_prev_ptr + sample), eta, ac_ptr, sqrt_ac_ptr,
                                  sqrt_1m_ac_ptr)
     _affine_bwd(grad_ptr, grad_x_ptr, grad_model_output_ptr, a, b, offs, mask, True)
@@ -170,7 +153,7 @@ def _ddim_bwd_kernel(
 def _noise_mse_fwd_kernel(
     eps_hat_ptr, seed_ptr, partial_ptr, n_chunks, sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     eps = _noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, NOISE_PHILOX, BLOCK)
     diff = tl.where(mask, eps_hat - eps, 0.0)
@@ -181,7 +164,7 @@ def _noise_mse_fwd_kernel(
 def _noise_mse_bwd_kernel(
     grad_loss_ptr, eps_hat_ptr, seed_ptr, grad_ptr, scale, sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
-    sample, start, offs, mask = _block(sample_base, sample_numel, BLOCK)
+    sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     diff = eps_hat - _noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, NOISE_PHILOX, BLOCK)
     g = tl.load(grad_loss_ptr).to(tl.float32) * scale
@@ -189,23 +172,6 @@ def _noise_mse_bwd_kernel(
 
 
 # ---- launchers: the same signatures as genfast.reference.diffusion -------------------------------------------
-
-
-def _dims(x) -> tuple[int, int]:
-    """(B, D) of a (B, ...) tensor: its batch and the number of elements per sample."""
-    batch = x.shape[0]
-    return batch, x.numel() // batch if batch else 0
-
-
-def _launch(kernel, like, *args, **constexprs):
-    """Run ``kernel`` over the (B, ...) tensor ``like`` with trailing arguments (sample_base, sample_numel)."""
-    batch, sample_numel = _dims(like)
-    if sample_numel == 0:
-        return
-    block, num_warps = _config(sample_numel)
-    for base in range(0, batch, MAX_GRID_SAMPLES):
-        grid = (triton.cdiv(sample_numel, block), min(MAX_GRID_SAMPLES, batch - base))
-        kernel[grid](*args, base, sample_numel, **constexprs, BLOCK=block, num_warps=num_warps)
 
 
 def _noise_args(noise, seed, x, t):
@@ -220,61 +186,61 @@ def _noise_args(noise, seed, x, t):
 def q_sample(x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
     out = torch.empty_like(x0)
     noise, seed, mode = _noise_args(noise, seed, x0, t)
-    _launch(_q_sample_fwd_kernel, x0, x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
+    launch(_q_sample_fwd_kernel, x0, x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, out,
             NOISE=mode)
     return out
 
 
 def q_sample_backward(grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
     grad_x0 = torch.empty_like(grad)
-    _launch(_q_sample_bwd_kernel, grad, grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, grad_x0)
+    launch(_q_sample_bwd_kernel, grad, grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, grad_x0)
     return grad_x0
 
 
 def ddpm_step(model_output, t, x_t, noise, seed, *tables):
     out = torch.empty_like(x_t)
     noise, seed, mode = _noise_args(noise, seed, x_t, t)
-    _launch(_ddpm_fwd_kernel, x_t, model_output, t, x_t, noise, seed, *tables, out, NOISE=mode)
+    launch(_ddpm_fwd_kernel, x_t, model_output, t, x_t, noise, seed, *tables, out, NOISE=mode)
     return out
 
 
 def ddpm_step_backward(grad, t, *tables):
     grad_model_output, grad_x = torch.empty_like(grad), torch.empty_like(grad)
-    _launch(_ddpm_bwd_kernel, grad, grad, t, *tables, grad_model_output, grad_x)
+    launch(_ddpm_bwd_kernel, grad, grad, t, *tables, grad_model_output, grad_x)
     return grad_model_output, grad_x
 
 
 def ddim_step(model_output, t, t_prev, x_t, noise, seed, eta, *tables):
     out = torch.empty_like(x_t)
     noise, seed, mode = _noise_args(noise, seed, x_t, t)
-    _launch(_ddim_fwd_kernel, x_t, model_output, t, t_prev, x_t, noise, seed, *tables, out, eta, NOISE=mode)
+    launch(_ddim_fwd_kernel, x_t, model_output, t, t_prev, x_t, noise, seed, *tables, out, eta, NOISE=mode)
     return out
 
 
 def ddim_step_backward(grad, t, t_prev, eta, *tables):
     grad_model_output, grad_x = torch.empty_like(grad), torch.empty_like(grad)
-    _launch(_ddim_bwd_kernel, grad, grad, t, t_prev, *tables, grad_model_output, grad_x, eta)
+    launch(_ddim_bwd_kernel, grad, grad, t, t_prev, *tables, grad_model_output, grad_x, eta)
     return grad_model_output, grad_x
 
 
 def noise_mse(eps_hat, seed):
-    batch, sample_numel = _dims(eps_hat)
-    n_chunks = triton.cdiv(sample_numel, _config(sample_numel)[0])
+    batch, sample_numel = dims(eps_hat)
+    n_chunks = per_sample.num_chunks(sample_numel)
     partials = torch.empty((batch, n_chunks), dtype=torch.float32, device=eps_hat.device)
-    _launch(_noise_mse_fwd_kernel, eps_hat, eps_hat, seed, partials, n_chunks)
+    launch(_noise_mse_fwd_kernel, eps_hat, eps_hat, seed, partials, n_chunks)
     return partials.sum() / eps_hat.numel()
 
 
 def noise_mse_backward(grad_loss, eps_hat, seed):
     grad = torch.empty_like(eps_hat)
     scale = 2.0 / max(eps_hat.numel(), 1)  # an empty ε̂ has an empty gradient
-    _launch(_noise_mse_bwd_kernel, eps_hat, grad_loss, eps_hat, seed, grad, scale)
+    launch(_noise_mse_bwd_kernel, eps_hat, grad_loss, eps_hat, seed, grad, scale)
     return grad
 
 
 def aot_variants():
     """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    num_warps = {block: _config(block)[1] for block in BLOCKS}
+    num_warps = per_sample.block_warps()
     scalars = {"sample_base": "i32", "sample_numel": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
         ptr = f"*{dtype}"
@@ -304,7 +270,7 @@ def aot_variants():
             _noise_mse_bwd_kernel: dict(grad_loss_ptr="*fp32", eps_hat_ptr=ptr, seed_ptr="*i64", grad_ptr=ptr,
                                         scale="fp32"),
         }
-        for block in BLOCKS:
+        for block in per_sample.BLOCKS:
             for kernel, (sig, modes) in fwd.items():
                 for mode in modes:
                     yield kernel, dict(sig, **scalars), dict(NOISE=mode.value, BLOCK=block), num_warps[block]

@@ -1,9 +1,7 @@
 """Fused WGAN-GP kernels: the interpolation x̂ = fake + α_b·(real − fake) with its backward, and the penalty
 p = weight·mean_b(‖g_b‖₂ − 1)² on the critic's gradient g with its backward.
 
-Per-sample elementwise kernels use a grid (cdiv(D, BLOCK), B) over tensors of shape (B, ...) with D = numel / B
-elements per sample, batch outermost in memory (contiguous or channels_last), indexed by memory position.
-The penalty: each program of the grid writes the fp32 sum of squares of its chunk to partials (B, n_chunks); one
+The elementwise kernels use the per-sample grid of ``kernels/per_sample.py``. The penalty: each program of the grid writes the fp32 sum of squares of its chunk to partials (B, n_chunks); one
 program then sums every sample's partials in a fixed order, takes the norms and sums (‖g_b‖ − 1)² in a fixed
 order: deterministic, no atomics.
 """
@@ -13,32 +11,19 @@ import triton.language as tl
 
 from genfast.reference.gradient_penalty import penalty_scale
 
-# ---- heuristics: the one place block sizes and warps are chosen ---------------------------------------------
-BLOCKS = (256, 1024)
-# the single program that finishes the penalty walks partials (B, n_chunks) in tiles (FINISH_B, FINISH_CHUNKS)
+from . import per_sample
+from .per_sample import dims, launch, sample_block
+
+# ---- heuristics: the single program that finishes the penalty walks partials (B, n_chunks) in tiles
+# (FINISH_B, FINISH_CHUNKS) ------------------------------------------------------------------------------------
 FINISH_B = 64
 FINISH_CHUNKS = 16
 FINISH_WARPS = 4
 
 
-def _config(sample_numel: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for D elements per sample."""
-    return (256, 2) if sample_numel <= 256 else (1024, 4)
-
-
-def _sizes(x: torch.Tensor) -> tuple[int, int]:
-    """(B, D) of a tensor of shape (B, ...)."""
-    batch = x.shape[0]
-    return batch, (x.numel() // batch if batch else 0)
-
-
 @triton.jit
-def _interpolate_fwd_kernel(real_ptr, fake_ptr, alpha_ptr, out_ptr, sample_numel, BLOCK: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
-    cols = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < sample_numel
-    offs = sample.to(tl.int64) * sample_numel + cols
+def _interpolate_fwd_kernel(real_ptr, fake_ptr, alpha_ptr, out_ptr, sample_base, sample_numel, BLOCK: tl.constexpr):
+    sample, _, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     alpha = tl.load(alpha_ptr + sample)
     real = tl.load(real_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     fake = tl.load(fake_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -47,14 +32,10 @@ def _interpolate_fwd_kernel(real_ptr, fake_ptr, alpha_ptr, out_ptr, sample_numel
 
 @triton.jit
 def _interpolate_bwd_kernel(
-    grad_ptr, alpha_ptr, grad_real_ptr, grad_fake_ptr, sample_numel,
+    grad_ptr, alpha_ptr, grad_real_ptr, grad_fake_ptr, sample_base, sample_numel,
     WANT_REAL: tl.constexpr, WANT_FAKE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
-    cols = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < sample_numel
-    offs = sample.to(tl.int64) * sample_numel + cols
+    sample, _, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     alpha = tl.load(alpha_ptr + sample)
     grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WANT_REAL:
@@ -64,13 +45,10 @@ def _interpolate_bwd_kernel(
 
 
 @triton.jit
-def _sum_squares_kernel(grad_ptr, partials_ptr, sample_numel, n_chunks, BLOCK: tl.constexpr):
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
-    cols = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    grad = tl.load(grad_ptr + sample.to(tl.int64) * sample_numel + cols, mask=cols < sample_numel, other=0.0)
-    grad = grad.to(tl.float32)
-    tl.store(partials_ptr + sample.to(tl.int64) * n_chunks + chunk, tl.sum(grad * grad, axis=0))
+def _sum_squares_kernel(grad_ptr, partials_ptr, n_chunks, sample_base, sample_numel, BLOCK: tl.constexpr):
+    sample, _, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
+    grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(partials_ptr + sample.to(tl.int64) * n_chunks + tl.program_id(0), tl.sum(grad * grad, axis=0))
 
 
 @triton.jit
@@ -96,14 +74,10 @@ def _penalty_finish_kernel(
 
 @triton.jit
 def _penalty_bwd_kernel(
-    grad_penalty_ptr, grad_ptr, norms_ptr, out_ptr, sample_numel, scale2, BLOCK: tl.constexpr,
+    grad_penalty_ptr, grad_ptr, norms_ptr, out_ptr, scale2, sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
     """dg_b = dp·scale2·(‖g_b‖ − 1)/‖g_b‖·g_b, with scale2 = 2·weight/B, and 0 where ‖g_b‖ = 0."""
-    chunk = tl.program_id(0)
-    sample = tl.program_id(1)
-    cols = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < sample_numel
-    offs = sample.to(tl.int64) * sample_numel + cols
+    sample, _, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     norm = tl.load(norms_ptr + sample)
     nonzero = norm != 0.0
     inv_norm = tl.where(nonzero, 1.0 / tl.where(nonzero, norm, 1.0), 0.0)  # no division by zero, even discarded
@@ -114,41 +88,31 @@ def _penalty_bwd_kernel(
 
 def interpolate(real, fake, alpha):
     """Launcher: x̂ like ``genfast.reference.gradient_penalty.interpolate`` (``alpha`` fp32 of shape (B,))."""
-    batch, sample_numel = _sizes(real)
-    block, num_warps = _config(sample_numel)
     out = torch.empty_like(real)
-    if real.numel():
-        _interpolate_fwd_kernel[(triton.cdiv(sample_numel, block), batch)](
-            real, fake, alpha, out, sample_numel, BLOCK=block, num_warps=num_warps,
-        )
+    launch(_interpolate_fwd_kernel, real, real, fake, alpha, out)
     return out
 
 
 def interpolate_backward(grad, alpha, want_real, want_fake):
     """Launcher: (d real, d fake) = (α·g, (1 − α)·g); a gradient not wanted is an empty tensor."""
-    batch, sample_numel = _sizes(grad)
-    block, num_warps = _config(sample_numel)
     grad_real = torch.empty_like(grad) if want_real else grad.new_empty(0)
     grad_fake = torch.empty_like(grad) if want_fake else grad.new_empty(0)
-    if grad.numel() and (want_real or want_fake):
-        _interpolate_bwd_kernel[(triton.cdiv(sample_numel, block), batch)](
-            grad, alpha, grad_real if want_real else grad, grad_fake if want_fake else grad, sample_numel,
-            WANT_REAL=want_real, WANT_FAKE=want_fake, BLOCK=block, num_warps=num_warps,
-        )
+    if want_real or want_fake:
+        launch(_interpolate_bwd_kernel, grad, grad, alpha, grad_real if want_real else grad,
+               grad_fake if want_fake else grad, WANT_REAL=want_real, WANT_FAKE=want_fake)
     return grad_real, grad_fake
 
 
 def gradient_norm_penalty(grad, weight):
     """Launcher: (penalty, norms) like ``genfast.reference.gradient_penalty.gradient_norm_penalty``, fp32."""
-    batch, sample_numel = _sizes(grad)
-    block, num_warps = _config(sample_numel)
-    n_chunks = max(triton.cdiv(sample_numel, block), 1)  # a sample without elements gets one zero partial
+    batch, sample_numel = dims(grad)
+    n_chunks = max(per_sample.num_chunks(sample_numel), 1)  # a sample without elements keeps one zero partial
     norms = torch.empty(batch, dtype=torch.float32, device=grad.device)
     if batch == 0:
         return torch.zeros((), dtype=torch.float32, device=grad.device), norms
     penalty = torch.empty((), dtype=torch.float32, device=grad.device)
-    partials = torch.empty((batch, n_chunks), dtype=torch.float32, device=grad.device)
-    _sum_squares_kernel[(n_chunks, batch)](grad, partials, sample_numel, n_chunks, BLOCK=block, num_warps=num_warps)
+    partials = torch.zeros((batch, n_chunks), dtype=torch.float32, device=grad.device)
+    launch(_sum_squares_kernel, grad, grad, partials, n_chunks)
     _penalty_finish_kernel[(1,)](
         partials, norms, penalty, batch, n_chunks, penalty_scale(weight, batch),
         BLOCK_B=FINISH_B, BLOCK_CHUNKS=FINISH_CHUNKS, num_warps=FINISH_WARPS,
@@ -158,35 +122,29 @@ def gradient_norm_penalty(grad, weight):
 
 def gradient_norm_penalty_backward(grad_penalty, grad, norms, weight):
     """Launcher: dg_b = dp·weight·(2/B)·(‖g_b‖ − 1)·g_b/‖g_b‖ (0 where ‖g_b‖ = 0), in g's dtype and layout."""
-    batch, sample_numel = _sizes(grad)
-    block, num_warps = _config(sample_numel)
     out = torch.empty_like(grad)
-    if grad.numel():
-        _penalty_bwd_kernel[(triton.cdiv(sample_numel, block), batch)](
-            grad_penalty, grad, norms, out, sample_numel, 2.0 * penalty_scale(weight, batch),
-            BLOCK=block, num_warps=num_warps,
-        )
+    launch(_penalty_bwd_kernel, grad, grad_penalty, grad, norms, out, 2.0 * penalty_scale(weight, grad.shape[0]))
     return out
 
 
 def aot_variants():
     """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    num_warps = {block: _config(block)[1] for block in BLOCKS}
+    scalars = {"sample_base": "i32", "sample_numel": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
-        for block in BLOCKS:
+        for block, num_warps in per_sample.block_warps().items():
             sig = {"real_ptr": f"*{dtype}", "fake_ptr": f"*{dtype}", "alpha_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                   "sample_numel": "i32"}
-            yield _interpolate_fwd_kernel, sig, dict(BLOCK=block), num_warps[block]
+                   **scalars}
+            yield _interpolate_fwd_kernel, sig, dict(BLOCK=block), num_warps
             for want_real, want_fake in ((1, 0), (0, 1), (1, 1)):
                 sig = {"grad_ptr": f"*{dtype}", "alpha_ptr": "*fp32", "grad_real_ptr": f"*{dtype}",
-                       "grad_fake_ptr": f"*{dtype}", "sample_numel": "i32"}
+                       "grad_fake_ptr": f"*{dtype}", **scalars}
                 consts = dict(WANT_REAL=want_real, WANT_FAKE=want_fake, BLOCK=block)
-                yield _interpolate_bwd_kernel, sig, consts, num_warps[block]
-            sig = {"grad_ptr": f"*{dtype}", "partials_ptr": "*fp32", "sample_numel": "i32", "n_chunks": "i32"}
-            yield _sum_squares_kernel, sig, dict(BLOCK=block), num_warps[block]
+                yield _interpolate_bwd_kernel, sig, consts, num_warps
+            sig = {"grad_ptr": f"*{dtype}", "partials_ptr": "*fp32", "n_chunks": "i32", **scalars}
+            yield _sum_squares_kernel, sig, dict(BLOCK=block), num_warps
             sig = {"grad_penalty_ptr": "*fp32", "grad_ptr": f"*{dtype}", "norms_ptr": "*fp32",
-                   "out_ptr": f"*{dtype}", "sample_numel": "i32", "scale2": "fp32"}
-            yield _penalty_bwd_kernel, sig, dict(BLOCK=block), num_warps[block]
+                   "out_ptr": f"*{dtype}", "scale2": "fp32", **scalars}
+            yield _penalty_bwd_kernel, sig, dict(BLOCK=block), num_warps
     sig = {"partials_ptr": "*fp32", "norms_ptr": "*fp32", "penalty_ptr": "*fp32", "batch": "i32", "n_chunks": "i32",
            "scale": "fp32"}
     yield _penalty_finish_kernel, sig, dict(BLOCK_B=FINISH_B, BLOCK_CHUNKS=FINISH_CHUNKS), FINISH_WARPS

@@ -1,0 +1,56 @@
+"""Grid, heuristics and launcher shared by the per-sample elementwise kernels (VAE, diffusion, gradient penalty).
+
+Tensors have shape (B, ...) with D = numel / B elements per sample and the batch outermost in memory (contiguous
+or channels_last), indexed by memory position. The grid is (cdiv(D, BLOCK), B): axis 0 walks one sample's
+elements, axis 1 is the sample, so per-sample scalars (a timestep, α, a norm) are loaded once per program. Batches
+beyond CUDA's limit on grid axis 1 run in slices; a kernel gets the slice's first sample as ``sample_base``, so
+sample indices (and the noise stream, keyed by them) carry on across slices.
+"""
+import triton
+import triton.language as tl
+
+# ---- heuristics: the one place block sizes and warps of the per-sample kernels are chosen --------------------
+BLOCKS = (256, 1024)
+MAX_GRID_SAMPLES = 65535  # CUDA's limit on grid axis 1
+
+
+def config(sample_numel: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for D elements per sample: 8 elements a thread, fewer programs idle on small samples."""
+    return (256, 2) if sample_numel <= 256 else (1024, 4)
+
+
+def block_warps() -> dict[int, int]:
+    """num_warps of each block size ``config`` can pick, for the ahead-of-time compile variants."""
+    return {block: config(block)[1] for block in BLOCKS}
+
+
+def dims(x) -> tuple[int, int]:
+    """(B, D) of a (B, ...) tensor: its batch and the number of elements per sample."""
+    batch = x.shape[0]
+    return batch, x.numel() // batch if batch else 0
+
+
+def num_chunks(sample_numel: int) -> int:
+    """Programs per sample (grid axis 0)."""
+    return triton.cdiv(sample_numel, config(sample_numel)[0])
+
+
+def launch(kernel, like, *args, **constexprs):
+    """Run ``kernel`` over the (B, ...) tensor ``like``; its last two runtime arguments are (sample_base,
+    sample_numel), appended here."""
+    batch, sample_numel = dims(like)
+    if sample_numel == 0:
+        return
+    block, num_warps = config(sample_numel)
+    for base in range(0, batch, MAX_GRID_SAMPLES):
+        grid = (triton.cdiv(sample_numel, block), min(MAX_GRID_SAMPLES, batch - base))
+        kernel[grid](*args, base, sample_numel, **constexprs, BLOCK=block, num_warps=num_warps)
+
+
+@triton.jit
+def sample_block(sample_base, sample_numel, BLOCK: tl.constexpr):
+    """(sample, first column, int64 offsets, mask) of this program's block."""
+    sample = sample_base + tl.program_id(1)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    cols = start + tl.arange(0, BLOCK)
+    return sample, start, sample.to(tl.int64) * sample_numel + cols, cols < sample_numel
