@@ -47,13 +47,15 @@ def batch_major(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def check_timesteps_range(t: torch.Tensor, num_steps: int, name: str = "t") -> None:
-    """Every entry of the integer tensor ``t`` lies in [0, num_steps). Reads the values (a sync on CUDA)."""
+def check_timesteps_range(t: torch.Tensor, num_steps: int, name: str = "t", *, allow_negative: bool = False) -> None:
+    """Every entry of the integer tensor ``t`` lies in [0, num_steps) (below num_steps with ``allow_negative``).
+    Reads the values (a sync on CUDA)."""
     if t.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.aminmax(t))
-    if lo < 0 or hi >= num_steps:
-        raise ValueError(f"{name} must lie in [0, {num_steps}), got values in [{lo}, {hi}]")
+    if hi >= num_steps or (lo < 0 and not allow_negative):
+        bounds = f"< {num_steps}" if allow_negative else f"in [0, {num_steps})"
+        raise ValueError(f"{name} must be {bounds}, got values in [{lo}, {hi}]")
 
 
 def match_layout(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -612,7 +612,7 @@ T2 = torch.tensor([1, 2])
     (lambda: genfast.q_sample(X, 1.5, SCHEDULE), TypeError, "t must be an int"),
     (lambda: genfast.q_sample(X, T, SCHEDULE), ValueError, r"t must be in \[0, 50\)"),
     (lambda: genfast.q_sample(X, -1, SCHEDULE), ValueError, "t must be"),
-    (lambda: genfast.q_sample(X, torch.tensor([0, T]), SCHEDULE), ValueError, r"t must lie in \[0, 50\)"),
+    (lambda: genfast.q_sample(X, torch.tensor([0, T]), SCHEDULE), ValueError, r"t must be in \[0, 50\)"),
     (lambda: genfast.q_sample(X, torch.tensor([-3, 1]), SCHEDULE), ValueError, "t must lie"),
     (lambda: genfast.q_sample(X, T2.to("meta"), SCHEDULE), ValueError, "t is on meta"),
     (lambda: genfast.q_sample(X, T2, SCHEDULE, torch.randn(2, 3)), ValueError, "noise"),

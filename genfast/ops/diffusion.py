@@ -28,12 +28,6 @@ def _impl(backend: str):
     return ref
 
 
-def _check_prev_range(t_prev: Tensor, num_steps: int) -> None:
-    """Every entry of ``t_prev`` is < num_steps (negative entries mean ᾱ_prev = 1). Reads the values."""
-    if t_prev.numel() and int(t_prev.max()) >= num_steps:
-        raise ValueError(f"t_prev must be < {num_steps} (negative means ᾱ_prev = 1), got {int(t_prev.max())}")
-
-
 # ---- q_sample: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε ------------------------------------------------------------------
 
 
@@ -143,7 +137,7 @@ def _ddim_step_op(
     backend: str,
 ) -> Tensor:
     check_timesteps_range(t, alphas_cumprod.shape[0])
-    _check_prev_range(t_prev, alphas_cumprod.shape[0])
+    check_timesteps_range(t_prev, alphas_cumprod.shape[0], "t_prev", allow_negative=True)
     return _impl(backend).ddim_step(model_output, t, t_prev, x_t, noise, seed, eta, alphas_cumprod,
                                     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
 
