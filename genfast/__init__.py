@@ -6,10 +6,17 @@ the Triton kernels (``genfast.kernels``) are tested against. Select the implemen
 """
 from ._backend import get_backend, set_backend, use_backend
 from .ops.vae import gaussian_kl, reparameterize, reparameterize_kl
+from .ops.diffusion import NoiseSchedule, ddim_step, ddpm_step, diffusion_loss, q_sample
+from .ops.gradient_penalty import gradient_penalty
+from .ops.group_norm import group_norm_silu
+from . import nn  # genfast.nn: the nn.Module wrappers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "get_backend", "set_backend", "use_backend",
     "reparameterize", "gaussian_kl", "reparameterize_kl",
+    "NoiseSchedule", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step",
+    "gradient_penalty",
+    "group_norm_silu",
 ]
