@@ -1,0 +1,365 @@
+"""Fused GroupNorm + SiLU: both backends against the composite F.group_norm → scale-shift → F.silu (in float64) and
+against each other, forward and backward, on every layout, option combination and kernel path."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import genfast
+import genfast.kernels.group_norm_silu as K
+from genfast.ops.group_norm import _group_norm_silu_backward_op, _group_norm_silu_op
+from tolerances import assert_close
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NAMES = ("x", "weight", "bias", "add", "scale", "shift")
+
+
+def make_inputs(shape, dtype=torch.float32, *, add=True, scale=True, shift=True, affine=True,
+                layout="contiguous", param_dtype=None):
+    """x of ``shape`` in ``layout`` and the optional (C,) / (B, C) inputs (None where switched off)."""
+    batch, channels = shape[:2]
+    param_dtype = param_dtype or dtype
+    if layout == "sliced":  # every other column of a wider tensor: spatial dims that do not collapse
+        x = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
+    elif layout == "channel_slice":  # channels 1.. of a wider tensor: collapsible, but not dense
+        x = torch.randn(batch, channels + 2, *shape[2:], dtype=dtype)[:, 1:-1]
+    else:
+        x = torch.randn(shape, dtype=dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+
+    def maybe(flag, *size):
+        return torch.randn(*size, dtype=param_dtype) if flag else None
+
+    return dict(x=x, weight=maybe(affine, channels), bias=maybe(affine, channels), add=maybe(add, batch, channels),
+                scale=maybe(scale, batch, channels), shift=maybe(shift, batch, channels))
+
+
+def composite(x, num_groups, weight=None, bias=None, eps=1e-5, *, add=None, scale=None, shift=None,
+              activation="silu"):
+    """The unfused PyTorch ops the fused one replaces."""
+    expand = (...,) + (None,) * (x.dim() - 2)
+    h = x if add is None else x + add[expand]
+    n = F.group_norm(h, num_groups, weight, bias, eps)
+    if scale is not None:
+        n = n * (1 + scale[expand])
+    if shift is not None:
+        n = n + shift[expand]
+    return F.silu(n) if activation == "silu" else n
+
+
+def forward_backward(fn, inputs, grad_y, dtype=None, **kwargs):
+    """(y, {name: grad}) of fn(x, G, weight, bias, add=..., ...) on leaves made from ``inputs`` (cast to
+    ``dtype`` when given; x keeps its strides)."""
+    leaves = {k: (v.detach().to(dtype) if dtype else v.detach()).requires_grad_() for k, v in inputs.items()
+              if v is not None}
+    args = {k: leaves.get(k) for k in NAMES}
+    y = fn(args.pop("x"), kwargs.pop("num_groups"), args.pop("weight"), args.pop("bias"), **args, **kwargs)
+    grads = torch.autograd.grad(y, list(leaves.values()), grad_y.to(y.dtype))
+    return y, dict(zip(leaves, grads))
+
+
+def check(inputs, num_groups, backend, **kwargs):
+    """genfast on ``backend`` against the float64 composite and, for the kernels, against the reference."""
+    x = inputs["x"]
+    grad_y = torch.randn(x.shape, dtype=x.dtype)
+    y, grads = forward_backward(genfast.group_norm_silu, inputs, grad_y, num_groups=num_groups, **kwargs)
+    y64, grads64 = forward_backward(composite, inputs, grad_y, torch.float64, num_groups=num_groups, **kwargs)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, y64)
+    for name, g in grads.items():
+        assert g.dtype == inputs[name].dtype, name
+        assert_close(g, grads64[name], msg=name)
+    if backend == "triton":
+        with genfast.use_backend("reference"):
+            y_ref, grads_ref = forward_backward(genfast.group_norm_silu, inputs, grad_y, num_groups=num_groups,
+                                                **kwargs)
+        assert_close(y, y_ref)
+        for name, g in grads.items():
+            assert_close(g, grads_ref[name], msg=name)
+    return y, grads
+
+
+def force_split(monkeypatch, *, max_block_c=K.MAX_BLOCK_C):
+    """Send small inputs down the split path with tiles of 8 positions × 4 channels, a few splits per group."""
+    monkeypatch.setattr(K, "SINGLE_TILES", ())
+    monkeypatch.setattr(K, "SPLIT_TILE", 32)
+    monkeypatch.setattr(K, "TARGET_PROGRAMS", 12)
+    monkeypatch.setattr(K, "MAX_BLOCK_C", max_block_c)
+
+
+# ---- numerics against the composite and the reference ------------------------------------------------------
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "channel_slice"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_composite(backend, dtype, layout):
+    inputs = make_inputs((2, 6, 5, 7), dtype, layout=layout)
+    assert K._plan(2, 35, 6).single
+    y, _ = check(inputs, 3, backend)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape, num_groups", [
+    ((1, 4, 1, 1), 2),  # 1x1 spatial, batch 1
+    ((3, 8), 4),  # no spatial dims
+    ((2, 6, 9), 3),  # (B, C, L)
+    ((1, 4, 2, 3, 2), 2),  # 3 spatial dims
+    ((2, 6, 5, 7), 6),  # one channel per group
+    ((2, 6, 5, 7), 1),  # one group
+    ((2, 10, 3, 3), 2),  # 5 channels per group: a tile of 8 channels, partly masked
+    ((0, 4, 3, 3), 2),  # empty batch
+])
+def test_shapes(backend, shape, num_groups):
+    check(make_inputs(shape), num_groups, backend)
+
+
+def test_empty_spatial_extent(backend):
+    """No positions (which F.group_norm refuses): y is empty and every gradient is zero."""
+    inputs = make_inputs((2, 4, 0, 3))
+    y, grads = forward_backward(genfast.group_norm_silu, inputs, torch.empty(2, 4, 0, 3), num_groups=2)
+    assert y.shape == (2, 4, 0, 3)
+    for name, g in grads.items():
+        assert g.shape == inputs[name].shape and not g.any(), name
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("scale, shift", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("add", [False, True])
+def test_option_combinations(backend, add, scale, shift, affine, activation):
+    inputs = make_inputs((2, 4, 3, 3), add=add, scale=scale, shift=shift, affine=affine)
+    check(inputs, 2, backend, activation=activation)
+
+
+def test_mixed_precision_params(backend):
+    """bf16 activations with fp32 parameters and conditioning (as nn.GroupNorm's parameters under autocast)."""
+    check(make_inputs((2, 6, 5, 7), torch.bfloat16, param_dtype=torch.float32), 3, backend)
+
+
+@pytest.mark.parametrize("constant", [False, True], ids=["random", "constant"])
+def test_eps(backend, constant):
+    """A large eps shrinks the output; a constant group (zero variance) is normalised by eps alone."""
+    inputs = make_inputs((2, 4, 3, 3))
+    if constant:
+        inputs["x"] = torch.full((2, 4, 3, 3), 2.5)
+    check(inputs, 2, backend, eps=0.5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy exp
+def test_saturated_activation(backend):
+    """Pre-activations of ±hundreds, where exp overflows in fp32: σ saturates to 0 or 1, nothing turns NaN."""
+    inputs = make_inputs((2, 4, 3, 3))
+    inputs["weight"] = 200.0 * inputs["weight"]
+    y, grads = check(inputs, 2, backend)
+    assert y.isfinite().all() and all(g.isfinite().all() for g in grads.values())
+
+
+# ---- kernel paths -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_path(monkeypatch, dtype, layout):
+    force_split(monkeypatch)
+    plan = K._plan(2, 35, 6)
+    assert not plan.single and plan.n_sp > 1 and plan.per_split > 1  # several splits of several tiles
+    inputs = make_inputs((2, 6, 5, 7), dtype, layout=layout)
+    with genfast.use_backend("triton"):
+        y, grads = check(inputs, 3, "triton")
+        again = forward_backward(genfast.group_norm_silu, inputs, torch.ones(y.shape, dtype=dtype), num_groups=3)
+        twice = forward_backward(genfast.group_norm_silu, inputs, torch.ones(y.shape, dtype=dtype), num_groups=3)
+    assert torch.equal(again[0], twice[0])  # merges run in a fixed order: bitwise reproducible
+    assert all(torch.equal(again[1][k], twice[1][k]) for k in again[1])
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_split_path_channel_blocks(monkeypatch, layout, activation):
+    """6 channels per group in blocks of 4: a full and a partial channel block per group."""
+    force_split(monkeypatch, max_block_c=4)
+    plan = K._plan(6, 15, 4)
+    assert not plan.single and plan.n_cblocks == 2
+    with genfast.use_backend("triton"):
+        check(make_inputs((2, 12, 3, 5), layout=layout), 2, "triton", activation=activation)
+
+
+@pytest.mark.parametrize("backend_name, path", [("reference", "single"), ("triton", "single"), ("triton", "split")])
+def test_large_mean(monkeypatch, backend_name, path):
+    """x = 1000 + noise: y keeps full fp32 accuracy, where E[h²] − E[h]² in fp32 is off by ~10%."""
+    if path == "split":
+        force_split(monkeypatch)
+    inputs = make_inputs((2, 6, 5, 7), add=False)  # (x + add near 1000 would round in fp32 before any statistic)
+    inputs["x"] = 1000.0 + inputs["x"]
+    groups = inputs["x"].reshape(2, 3, -1)
+    naive_var = (groups * groups).mean(-1) - groups.mean(-1) ** 2
+    assert (naive_var - groups.double().var(-1, unbiased=False)).abs().max() > 1e-2
+    grad_y = torch.randn(2, 6, 5, 7)
+    with genfast.use_backend(backend_name):
+        y, grads = forward_backward(genfast.group_norm_silu, inputs, grad_y, num_groups=3)
+    y64, grads64 = forward_backward(composite, inputs, grad_y, torch.float64, num_groups=3)
+    assert_close(y, y64)
+    # The backward recomputes x̂ from the saved fp32 mean, which near 1000 is rounded by up to ulp(1000)/2 = 3e-5 of
+    # the unit spread: the gradients carry that relative error.
+    for name, g in grads.items():
+        scale = grads64[name].abs().max().item()
+        torch.testing.assert_close(g, grads64[name].float(), atol=1e-4 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last_1d"])
+def test_dense_layouts_read_in_place(monkeypatch, layout):
+    """NCHW, channels_last and a channels-last (B, C, L) x reach the kernels as they are (their own storage and
+    strides: no layout copy), forward and backward, and y and dx come back in x's layout."""
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(x, *args, **kwargs):
+                seen.append((x.data_ptr(), x.stride()))
+                return self.kernel[grid](x, *args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(K, "_fwd_single_kernel", Spy(K._fwd_single_kernel))
+    monkeypatch.setattr(K, "_bwd_single_kernel", Spy(K._bwd_single_kernel))
+    x = {"contiguous": lambda: torch.randn(2, 8, 3, 5),
+         "channels_last": lambda: torch.randn(2, 8, 3, 5).to(memory_format=torch.channels_last),
+         "channels_last_1d": lambda: torch.randn(2, 15, 8).transpose(1, 2)}[layout]().requires_grad_()
+    with genfast.use_backend("triton"):
+        y = genfast.group_norm_silu(x, 4)
+        y.backward(torch.randn(y.shape))
+    assert seen == [(x.data_ptr(), x.stride())] * 2
+    assert y.stride() == x.stride() and x.grad.stride() == x.stride()
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+# ---- registered ops, autograd, compile ----------------------------------------------------------------------
+def op_args(dtype=torch.float32, **flags):
+    inputs = make_inputs((2, 4, 3, 3), dtype, **flags)
+    return [inputs[k] for k in NAMES]
+
+
+@pytest.mark.parametrize("with_options", [True, False])
+def test_opcheck(backend, with_options):
+    flags = dict(add=with_options, scale=with_options, shift=with_options, affine=with_options)
+    inputs = [t if t is None else t.requires_grad_() for t in op_args(**flags)]
+    torch.library.opcheck(_group_norm_silu_op, (*inputs, 2, 1e-5, True, backend))
+    inputs = [t if t is None else t.detach() for t in inputs]
+    _, mean, rstd = _group_norm_silu_op(*inputs, 2, 1e-5, True, backend)
+    grad_y = torch.randn_like(inputs[0])
+    torch.library.opcheck(_group_norm_silu_backward_op, (grad_y, *inputs, mean, rstd, 2, True, backend))
+
+
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_gradcheck(activation):
+    inputs = [t.double().requires_grad_() for t in op_args()]
+    x, weight, bias, add, scale, shift = inputs
+
+    def fn(x, weight, bias, add, scale, shift):
+        return genfast.group_norm_silu(x, 2, weight, bias, add=add, scale=scale, shift=shift, activation=activation)
+
+    with genfast.use_backend("reference"):
+        assert torch.autograd.gradcheck(fn, inputs)
+        assert torch.autograd.gradcheck(fn, [x.detach().to(memory_format=torch.channels_last).requires_grad_(),
+                                             *inputs[1:]])
+
+
+def test_torch_compile():
+    inputs = [t.requires_grad_() for t in op_args()]
+
+    def fn(x, weight, bias, add, scale, shift):
+        y = genfast.group_norm_silu(x, 2, weight, bias, add=add, scale=scale, shift=shift)
+        return (y.detach(), *torch.autograd.grad(y, (x, weight, bias, add, scale, shift), torch.ones_like(y)))
+
+    with genfast.use_backend("reference"), torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(fn, fullgraph=True)(*inputs)
+        eager = fn(*inputs)
+    for c, e in zip(compiled, eager):
+        assert_close(c, e)
+
+
+# ---- the module ---------------------------------------------------------------------------------------------
+def test_module_matches_groupnorm_silu(backend):
+    fused = genfast.nn.GroupNormSiLU(3, 6, eps=1e-4)
+    plain = nn.Sequential(nn.GroupNorm(3, 6, eps=1e-4), nn.SiLU())
+    assert set(fused.state_dict()) == set(plain[0].state_dict()) == {"weight", "bias"}
+    assert_close(fused.weight, plain[0].weight)
+    assert_close(fused.bias, plain[0].bias)
+    assert repr(fused).replace("GroupNormSiLU", "GroupNorm") == repr(plain[0])
+    with torch.no_grad():
+        plain[0].weight.normal_()
+        plain[0].bias.normal_()
+    fused.load_state_dict(plain[0].state_dict())
+    x = torch.randn(2, 6, 5, 7)
+    assert_close(fused(x), plain(x))
+    plain[0].load_state_dict(genfast.nn.GroupNormSiLU(3, 6).state_dict())
+    assert_close(plain[0].weight, torch.ones(6))
+    emb, scale, shift = torch.randn(3, 2, 6).unbind(0)
+    expected = composite(x, 3, fused.weight, fused.bias, 1e-4, add=emb, scale=scale, shift=shift)
+    assert_close(fused(x, add=emb, scale=scale, shift=shift), expected)
+
+
+@pytest.mark.parametrize("options", [dict(affine=False), dict(bias=False)], ids=["no_affine", "no_bias"])
+def test_module_options(backend, options):
+    fused = genfast.nn.GroupNormSiLU(2, 4, **options)
+    plain = nn.GroupNorm(2, 4, **options)
+    assert fused._parameters.keys() == plain._parameters.keys()
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    assert repr(fused).replace("GroupNormSiLU", "GroupNorm") == repr(plain)
+    x = torch.randn(2, 4, 3, 3)
+    assert_close(fused(x), F.silu(plain(x)))
+
+
+def test_module_validation():
+    with pytest.raises(ValueError, match="num_channels"):
+        genfast.nn.GroupNormSiLU(3, 8)
+
+
+# ---- validation ---------------------------------------------------------------------------------------------
+def call(**overrides):
+    inputs = make_inputs((2, 4, 3, 3))
+    kwargs = dict(num_groups=2, eps=1e-5, activation="silu", **inputs)
+    kwargs.update(overrides)
+    return genfast.group_norm_silu(kwargs.pop("x"), kwargs.pop("num_groups"), **kwargs)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(x=[1.0, 2.0]), TypeError, "^x "),
+    (dict(x=torch.ones(2, 4, 3, dtype=torch.int32)), TypeError, "^x "),
+    (dict(x=torch.ones(4)), ValueError, "^x "),
+    (dict(num_groups=3), ValueError, "num_groups.*C=4|C=4.*num_groups"),
+    (dict(num_groups=0), ValueError, "^num_groups"),
+    (dict(num_groups=2.0), TypeError, "^num_groups"),
+    (dict(weight=torch.ones(3)), ValueError, "^weight"),
+    (dict(bias=torch.ones(4, dtype=torch.int64)), TypeError, "^bias"),
+    (dict(bias=torch.ones(4, device="meta")), ValueError, "^bias"),
+    (dict(add=torch.ones(2, 3)), ValueError, "^add"),
+    (dict(scale=torch.ones(4)), ValueError, "^scale"),
+    (dict(shift=torch.ones(2, 4, device="meta")), ValueError, "^shift"),
+    (dict(eps=0.0), ValueError, "^eps"),
+    (dict(eps=float("nan")), ValueError, "^eps"),
+    (dict(eps="1e-5"), TypeError, "^eps"),
+    (dict(activation="relu"), ValueError, "^activation"),
+])
+def test_validation(overrides, error, match):
+    with pytest.raises(error, match=match):
+        call(**overrides)
+
+
+def test_triton_refuses_float64():
+    with genfast.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        genfast.group_norm_silu(torch.randn(2, 4, 3, dtype=torch.float64), 2)
+
+
+def test_aot_variants_cover_launcher_choices():
+    """Every tiling the launchers can pick is among the ahead-of-time variants."""
+    variants = {(k.fn.__name__, c.get("BLOCK_C"), c.get("BLOCK_S"), w) for k, _, c, w in K.aot_variants()}
+    for cpg, spatial in itertools.product([1, 3, 8, 17, 64, 100], [1, 7, 64, 300, 5000]):
+        plan = K._plan(cpg, spatial, 4)
+        kernels = ("_fwd_single_kernel", "_bwd_single_kernel") if plan.single else (
+            "_fwd_stats_kernel", "_fwd_apply_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel")
+        for name in kernels:
+            assert (name, plan.block_c, plan.block_s, plan.num_warps) in variants
