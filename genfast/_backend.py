@@ -7,6 +7,7 @@ and ``"triton"``. ``"triton"`` on CPU tensors runs the Triton kernels in the int
 from __future__ import annotations
 
 import contextlib
+import importlib
 import functools
 import os
 
@@ -91,3 +92,11 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
         f"genfast backend 'triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
         "importing genfast to run the Triton kernels in the interpreter on the CPU, or use backend 'reference'"
     )
+
+
+def implementation(backend: str, reference, kernels: str):
+    """The module that runs an op for a resolved ``backend``: ``genfast.kernels.<kernels>`` for "triton" (imported
+    on first use, so genfast imports without Triton), else the ``reference`` module."""
+    if backend == "triton":
+        return importlib.import_module(f"genfast.kernels.{kernels}")
+    return reference

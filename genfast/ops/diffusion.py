@@ -8,24 +8,20 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import implementation, resolve_backend
 from .._rng import draw_seed
 from .._validation import (
     batch_major, check_float_tensor, check_generator, check_like, check_timesteps_range, match_layout,
 )
 from ..reference import diffusion as ref
-from ..reference.vae import compute_dtype
+from ..reference import compute_dtype
 from ..schedule import NoiseSchedule, _check_real
 
 Timesteps = Union[int, Tensor]
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import diffusion as kernels
-
-        return kernels
-    return ref
+    return implementation(backend, ref, "diffusion")
 
 
 # ---- q_sample: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε ------------------------------------------------------------------

@@ -9,17 +9,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import implementation, resolve_backend
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
+from ..reference import compute_dtype
 from ..reference import gradient_penalty as ref
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import gradient_penalty as kernels
-
-        return kernels
-    return ref
+    return implementation(backend, ref, "gradient_penalty")
 
 
 # ---- interpolation: x̂ = fake + α_b·(real − fake) ------------------------------------------------------------
@@ -77,7 +74,7 @@ def _penalty_op(grad: Tensor, weight: float, backend: str) -> tuple[Tensor, Tens
 
 @_penalty_op.register_fake
 def _(grad, weight, backend):
-    dtype = ref.compute_dtype(grad)
+    dtype = compute_dtype(grad)
     return grad.new_empty((), dtype=dtype), grad.new_empty(grad.shape[0], dtype=dtype)
 
 
@@ -122,7 +119,7 @@ def _check_weight(weight) -> float:
 
 def _alpha(alpha, real: Tensor, generator) -> Tensor:
     """α of shape (B,) in the compute dtype, contiguous: the given one, else U(0, 1) drawn from ``generator``."""
-    dtype = ref.compute_dtype(real)
+    dtype = compute_dtype(real)
     batch = real.shape[0]
     if alpha is None:
         source = generator.device if generator is not None else real.device

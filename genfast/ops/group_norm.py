@@ -7,20 +7,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import implementation, resolve_backend
 from .._validation import check_float_tensor, check_like, match_layout
 from ..reference import group_norm as ref
-from ..reference.vae import compute_dtype
+from ..reference import compute_dtype
 
 ACTIVATIONS = ("silu", None)
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import group_norm_silu as kernels
-
-        return kernels
-    return ref
+    return implementation(backend, ref, "group_norm_silu")
 
 
 @torch.library.custom_op("genfast::group_norm_silu", mutates_args=())

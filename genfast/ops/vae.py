@@ -6,18 +6,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import resolve_backend
+from .._backend import implementation, resolve_backend
 from .._rng import draw_seed
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
+from ..reference import compute_dtype
 from ..reference import vae as ref
 
 
 def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import reparameterize as kernels
-
-        return kernels
-    return ref
+    return implementation(backend, ref, "reparameterize")
 
 
 @torch.library.custom_op("genfast::reparameterize_kl", mutates_args=())
@@ -30,7 +27,7 @@ def _reparameterize_kl_op(
 @_reparameterize_kl_op.register_fake
 def _(mu, logvar, noise, seed, want_z, want_kl, backend):
     z = torch.empty_like(mu) if want_z else mu.new_empty(0)
-    kl_dtype = ref.compute_dtype(mu)
+    kl_dtype = compute_dtype(mu)
     kl = mu.new_empty(mu.shape[0] if want_kl else 0, dtype=kl_dtype)
     return z, kl
 

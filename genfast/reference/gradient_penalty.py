@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .vae import compute_dtype
+from . import compute_dtype
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import math
 import torch
 
 from .._validation import match_layout
-from .vae import compute_dtype
+from . import compute_dtype
 
 
 def _per_channel(t, x, dtype, default):

@@ -8,12 +8,8 @@ import math
 
 import torch
 
+from . import compute_dtype
 from .random import noise_like
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the references compute in: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _noise(mu, noise, seed, dtype):
