@@ -12,22 +12,10 @@ import triton
 import triton.language as tl
 
 from . import per_sample
-from .per_sample import dims, launch, sample_block
-from .random import load_philox_key, philox_normal_block
+from .per_sample import block_noise, dims, launch, sample_block
 
 # where the forward kernels take ε from (the constexpr NOISE)
 NOISE_NONE, NOISE_LOADED, NOISE_PHILOX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
-
-
-@triton.jit
-def _noise(noise_ptr, seed_ptr, sample, start, offs, mask, NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """fp32 ε of this block: loaded (NOISE_LOADED) or the Philox stream of ``seed`` (NOISE_PHILOX)."""
-    if NOISE == NOISE_LOADED:
-        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        key, off_lo, off_hi = load_philox_key(seed_ptr)
-        eps = philox_normal_block(key, off_lo, off_hi, sample, start, BLOCK)
-    return eps
 
 
 @triton.jit
@@ -38,7 +26,7 @@ def _affine_fwd(x_ptr, y_ptr, noise_ptr, seed_ptr, out_ptr, a, b, c, sample, sta
     if HAS_Y:
         out += b * tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if NOISE != NOISE_NONE:
-        out += c * _noise(noise_ptr, seed_ptr, sample, start, offs, mask, NOISE, BLOCK)
+        out += c * block_noise(noise_ptr, seed_ptr, sample, start, offs, mask, NOISE == NOISE_LOADED, BLOCK)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -155,7 +143,7 @@ def _noise_mse_fwd_kernel(
 ):
     sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    eps = _noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, NOISE_PHILOX, BLOCK)
+    eps = block_noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, False, BLOCK)
     diff = tl.where(mask, eps_hat - eps, 0.0)
     tl.store(partial_ptr + sample.to(tl.int64) * n_chunks + tl.program_id(0), tl.sum(diff * diff, axis=0))
 
@@ -166,7 +154,7 @@ def _noise_mse_bwd_kernel(
 ):
     sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    diff = eps_hat - _noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, NOISE_PHILOX, BLOCK)
+    diff = eps_hat - block_noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, False, BLOCK)
     g = tl.load(grad_loss_ptr).to(tl.float32) * scale
     tl.store(grad_ptr + offs, (g * diff).to(grad_ptr.dtype.element_ty), mask=mask)
 

@@ -9,6 +9,8 @@ sample indices (and the noise stream, keyed by them) carry on across slices.
 import triton
 import triton.language as tl
 
+from .random import load_philox_key, philox_normal_block
+
 # ---- heuristics: the one place block sizes and warps of the per-sample kernels are chosen --------------------
 BLOCKS = (256, 1024)
 MAX_GRID_SAMPLES = 65535  # CUDA's limit on grid axis 1
@@ -54,3 +56,14 @@ def sample_block(sample_base, sample_numel, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     cols = start + tl.arange(0, BLOCK)
     return sample, start, sample.to(tl.int64) * sample_numel + cols, cols < sample_numel
+
+
+@triton.jit
+def block_noise(noise_ptr, seed_ptr, sample, start, offs, mask, LOADED: tl.constexpr, BLOCK: tl.constexpr):
+    """fp32 ε of this block: loaded from ``noise_ptr`` (LOADED), else the Philox stream of ``seed_ptr``."""
+    if LOADED:
+        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        key, off_lo, off_hi = load_philox_key(seed_ptr)
+        eps = philox_normal_block(key, off_lo, off_hi, sample, start, BLOCK)
+    return eps

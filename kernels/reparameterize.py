@@ -9,19 +9,7 @@ import triton
 import triton.language as tl
 
 from . import per_sample
-from .per_sample import dims, launch, sample_block
-from .random import load_philox_key, philox_normal_block
-
-
-@triton.jit
-def _eps(noise_ptr, seed_ptr, sample, start, offs, mask, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """fp32 ε of this block: loaded, or the Philox stream of ``seed``."""
-    if HAS_NOISE:
-        eps = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        key, off_lo, off_hi = load_philox_key(seed_ptr)
-        eps = philox_normal_block(key, off_lo, off_hi, sample, start, BLOCK)
-    return eps
+from .per_sample import block_noise, dims, launch, sample_block
 
 
 @triton.jit
@@ -33,7 +21,7 @@ def _reparameterize_kl_fwd_kernel(
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if WANT_Z:
-        eps = _eps(noise_ptr, seed_ptr, sample, start, offs, mask, HAS_NOISE, BLOCK)
+        eps = block_noise(noise_ptr, seed_ptr, sample, start, offs, mask, HAS_NOISE, BLOCK)
         z = mu + tl.exp(0.5 * logvar) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
     if WANT_KL:
@@ -54,7 +42,7 @@ def _reparameterize_kl_bwd_kernel(
     grad_mu = tl.zeros([BLOCK], dtype=tl.float32)
     grad_logvar = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GRAD_Z:
-        eps = _eps(noise_ptr, seed_ptr, sample, start, offs, mask, HAS_NOISE, BLOCK)
+        eps = block_noise(noise_ptr, seed_ptr, sample, start, offs, mask, HAS_NOISE, BLOCK)
         dz = tl.load(grad_z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_mu += dz
         grad_logvar += dz * eps * (0.5 * tl.exp(0.5 * logvar))
