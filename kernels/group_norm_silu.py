@@ -164,6 +164,18 @@ def _tile_grad(x_ptr, dy_ptr, row_off, cmask, add, s, S, sS, mean, rstd, alpha, 
 
 
 @triton.jit
+def _bwd_setup(w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, bg, G, C, CPG, sB, sC, cb,
+               BLOCK_C: tl.constexpr):
+    """What a backward program of the row bg needs for channel block cb: (cmask, chan, pidx, row_off, add, mean,
+    rstd, w, bias, gain, alpha, beta)."""
+    cmask, chan, pidx, row_off = _channels(bg, G, C, CPG, sB, sC, cb, BLOCK_C)
+    add = tl.load(add_ptr + pidx, mask=cmask, other=0.0)
+    w, bias, gain, alpha, beta = _coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, chan, pidx, cmask, True)
+    return (cmask, chan, pidx, row_off, add, tl.load(mean_ptr + bg), tl.load(rstd_ptr + bg),
+            w, bias, gain, alpha, beta)
+
+
+@triton.jit
 def _dx(xhat, dm, alpha, rstd, m1, m2):
     return rstd * (dm * alpha[:, None] - m1 - xhat * m2)
 
@@ -235,11 +247,8 @@ def _bwd_single_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     bg = tl.program_id(0)
-    cmask, chan, pidx, row_off = _channels(bg, G, C, CPG, sB, sC, 0, BLOCK_C)
-    add = tl.load(add_ptr + pidx, mask=cmask, other=0.0)
-    mean = tl.load(mean_ptr + bg)
-    rstd = tl.load(rstd_ptr + bg)
-    w, bias, gain, alpha, beta = _coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, chan, pidx, cmask, True)
+    cmask, chan, pidx, row_off, add, mean, rstd, w, bias, gain, alpha, beta = _bwd_setup(
+        w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, bg, G, C, CPG, sB, sC, 0, BLOCK_C)
     xhat, dm, offs, mask = _tile_grad(x_ptr, dy_ptr, row_off, cmask, add, tl.arange(0, BLOCK_S), S, sS,
                                       mean, rstd, alpha, beta, silu)
     P = tl.sum(dm, 1)
@@ -332,11 +341,8 @@ def _bwd_reduce_kernel(
 ):
     """part[:, bg, sp, c] = (P, Q, R) of this program's tiles; part has shape (3, B·G, n_sp, C/G)."""
     bg, t, cb, first, end = _split(n_sp, per_split, S, BLOCK_S)
-    cmask, chan, pidx, row_off = _channels(bg, G, C, CPG, sB, sC, cb, BLOCK_C)
-    add = tl.load(add_ptr + pidx, mask=cmask, other=0.0)
-    mean = tl.load(mean_ptr + bg)
-    rstd = tl.load(rstd_ptr + bg)
-    w, bias, gain, alpha, beta = _coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, chan, pidx, cmask, True)
+    cmask, chan, pidx, row_off, add, mean, rstd, w, bias, gain, alpha, beta = _bwd_setup(
+        w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, bg, G, C, CPG, sB, sC, cb, BLOCK_C)
     acc_p = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_q = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_r = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -409,13 +415,10 @@ def _bwd_dx_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     bg, t, cb, first, end = _split(n_sp, per_split, S, BLOCK_S)
-    cmask, chan, pidx, row_off = _channels(bg, G, C, CPG, sB, sC, cb, BLOCK_C)
-    add = tl.load(add_ptr + pidx, mask=cmask, other=0.0)
-    mean = tl.load(mean_ptr + bg)
-    rstd = tl.load(rstd_ptr + bg)
+    cmask, chan, pidx, row_off, add, mean, rstd, w, bias, gain, alpha, beta = _bwd_setup(
+        w_ptr, b_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, bg, G, C, CPG, sB, sC, cb, BLOCK_C)
     m1 = tl.load(coef_ptr + 2 * bg)
     m2 = tl.load(coef_ptr + 2 * bg + 1)
-    w, bias, gain, alpha, beta = _coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, chan, pidx, cmask, True)
     for st in range(first, end):
         xhat, dm, offs, mask = _tile_grad(x_ptr, dy_ptr, row_off, cmask, add, st * BLOCK_S + tl.arange(0, BLOCK_S),
                                           S, sS, mean, rstd, alpha, beta, silu)
