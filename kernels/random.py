@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from genfast._backend import triton_interpret
+
 
 @triton.jit
 def _sin_cos_exact(theta):
@@ -21,7 +23,7 @@ def _sin_cos_fast(theta):
     return libdevice.fast_sinf(theta), libdevice.fast_cosf(theta)
 
 
-_sin_cos = _sin_cos_exact if triton.knobs.runtime.interpret else _sin_cos_fast
+_sin_cos = _sin_cos_exact if triton_interpret() else _sin_cos_fast
 
 
 @triton.jit
