@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._backend import implementation, resolve_backend
-from .._rng import draw_seed
+from .._rng import draw, draw_seed
 from .._validation import (
     batch_major, check_float_tensor, check_generator, check_like, check_timesteps_range, match_layout,
 )
@@ -243,8 +243,7 @@ def _prepare(x, x_name: str, schedule, t, noise, generator, *, draw_t: bool = Fa
                          f"call schedule.to({str(x.device)!r}) once")
     check_generator(generator, x.device)
     if t is None and draw_t:
-        source = generator.device if generator is not None else x.device
-        t = torch.randint(0, schedule.num_steps, (x.shape[0],), generator=generator, device=source).to(x.device)
+        t = draw(torch.randint, 0, schedule.num_steps, (x.shape[0],), device=x.device, generator=generator)
     t = _timesteps(t, "t", x, schedule.num_steps)
     x = batch_major(x)
     if noise is not None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .._backend import implementation, resolve_backend
+from .._rng import draw
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
 from ..reference import compute_dtype
 from ..reference import gradient_penalty as ref
@@ -122,8 +123,7 @@ def _alpha(alpha, real: Tensor, generator) -> Tensor:
     dtype = compute_dtype(real)
     batch = real.shape[0]
     if alpha is None:
-        source = generator.device if generator is not None else real.device
-        return torch.rand(batch, dtype=dtype, device=source, generator=generator).to(real.device)
+        return draw(torch.rand, batch, dtype=dtype, device=real.device, generator=generator)
     check_like(alpha, "alpha", real, "real", shape=(batch,))
     if alpha.requires_grad:
         raise ValueError("alpha must not require grad: the penalty is not differentiated with respect to α")
