@@ -3,7 +3,7 @@
 The Triton kernels live in the top-level folder ``kernels/`` of the repository and are installed as
 ``genfast.kernels``; no top-level module named ``kernels`` is installed.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="genfast",
@@ -12,14 +12,20 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["genfast", "genfast.reference", "genfast.ops", "genfast.kernels"],
-    package_dir={"genfast.kernels": "kernels"},
+    # kernels/ installs as genfast.kernels and bench/ as genfast.bench (the suite behind `genfast bench`).
+    packages=find_packages(include=["genfast", "genfast.*"]) + ["genfast.kernels", "genfast.bench"],
+    package_dir={"genfast.kernels": "kernels", "genfast.bench": "bench"},
     install_requires=[
         "torch>=2.6",
         "triton; platform_system == 'Linux'",
         "numpy",
+        "tqdm",
+        "matplotlib",
+        "pillow",
     ],
     extras_require={
+        "diffusers": ["diffusers"],
+        "digits": ["scikit-learn"],
         "dev": [
             "pytest",
             "pytest-xdist",
@@ -27,6 +33,9 @@ setup(
             "hypothesis",
             "scipy",
             "diffusers",
+            "scikit-learn",
+            "ninja",
         ],
     },
+    entry_points={"console_scripts": ["genfast = genfast.cli:main"]},
 )

@@ -100,3 +100,20 @@ def implementation(backend: str, reference, kernels: str):
     if backend == "triton":
         return importlib.import_module(f"genfast.kernels.{kernels}")
     return reference
+
+
+def unavailable_reason(name: str, device: str | torch.device = "cpu") -> str | None:
+    """``None`` when backend ``name`` can run ops on tensors on ``device``, else why not, in one sentence.
+
+    This is what ``genfast info`` prints and how the benchmarks pick the backends to time."""
+    _check_name(name, "backend")
+    device = torch.device(device)
+    if name in ("auto", "reference"):
+        return None
+    # name == "triton"
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        return reason
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+        return None
+    return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them in the interpreter on {device})"
