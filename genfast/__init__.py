@@ -10,6 +10,8 @@ from .ops.diffusion import NoiseSchedule, ddim_step, ddpm_step, diffusion_loss, 
 from .ops.gradient_penalty import gradient_penalty
 from .ops.group_norm import group_norm_silu
 from . import nn  # genfast.nn: the nn.Module wrappers
+# genfast.patch is the function from here on; the module stays importable as `from genfast.patch import ...`
+from .patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -19,4 +21,14 @@ __all__ = [
     "NoiseSchedule", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step",
     "gradient_penalty",
     "group_norm_silu",
+    "patch", "unpatch",
 ]
+
+
+def __getattr__(name):
+    # genfast.integrations is imported on first use: its submodules import optional packages (diffusers)
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(".integrations", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
