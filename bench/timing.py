@@ -1,0 +1,124 @@
+"""How the suite measures: time (median and IQR), peak memory, kernel launches and the device's copy bandwidth.
+
+Time: on CUDA ``triton.testing.do_bench`` (warm-up, L2 flushed before each run, quantiles 0.25/0.5/0.75); on the
+CPU ``torch.utils.benchmark.Timer.blocked_autorange`` with a fixed thread count (median and IQR of its blocks).
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated
+before the call; on the CPU the peak of the bytes allocated and not yet freed during one call, replayed in time
+order from the allocator events ``torch.profiler`` records with ``profile_memory=True`` (the call's temporaries,
+outputs and autograd buffers; not memory held before it).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+from torch.profiler import ProfilerActivity, profile
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median and the interquartile range (q75 − q25) over ``runs`` timed blocks (the IQR is
+    None with fewer than 3 blocks: a call slower than the time budget is timed once or twice)."""
+
+    median: float
+    iqr: Optional[float]
+    runs: int
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, threads: int, min_run_time: float) -> Timing:
+    """Times ``fn()`` on ``device``: do_bench on CUDA (``min_run_time`` seconds of repetitions), blocked_autorange
+    with ``threads`` threads on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q25, q50, q75 = triton.testing.do_bench(fn, warmup=25, rep=max(1, int(min_run_time * 1000)),
+                                                quantiles=[0.25, 0.5, 0.75])
+        return Timing(median=q50 / 1e3, iqr=(q75 - q25) / 1e3, runs=max(1, int(min_run_time * 1000 / q50)))
+    fn()  # warm-up: first-call allocations and lazy initialisation stay out of the timing
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    times = measurement.times
+    iqr = None
+    if len(times) >= 3:
+        q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive")
+        iqr = q75 - q25
+    return Timing(median=measurement.median, iqr=iqr, runs=len(times))
+
+
+@dataclass(frozen=True)
+class CallProfile:
+    """Peak bytes allocated during one call and, on CUDA, the number of kernels it launched (None on the CPU)."""
+
+    peak_bytes: int
+    kernel_launches: Optional[int]
+
+
+def _cpu_peak_bytes(events) -> int:
+    """The peak of the running sum of allocations (+) and frees (−), in time order, from the profiler's events."""
+    memory = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in memory:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Sends file descriptor 2 to /dev/null: the profiler's native start/stop lines would garble the progress bar."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def profile_call(fn: Callable[[], object], device: torch.device) -> CallProfile:
+    """Runs ``fn()`` once more and reports its peak memory and (CUDA) kernel launches; see the module docstring."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        launches = sum(1 for e in prof.profiler.kineto_results.events()
+                       if e.device_type() == torch.autograd.DeviceType.CUDA and not e.name().startswith("Memcpy")
+                       and not e.name().startswith("Memset"))
+        return CallProfile(peak_bytes=peak, kernel_launches=launches)
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    return CallProfile(peak_bytes=_cpu_peak_bytes(prof.profiler.kineto_results.events()), kernel_launches=None)
+
+
+def copy_bandwidth(device: torch.device, *, nbytes: int, threads: int, min_run_time: float) -> float:
+    """The device's achievable bandwidth in bytes/s: ``dst.copy_(src)`` of two fp32 buffers of ``nbytes`` each,
+    counted as 2·nbytes (one read, one write)."""
+    numel = max(1, nbytes // 4)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    timing = time_call(lambda: dst.copy_(src), device, threads=threads, min_run_time=min_run_time)
+    return 2 * numel * 4 / timing.median
+
+
+def l2_copies(device: torch.device, working_set_bytes: int, *, limit: int = 8) -> int:
+    """How many copies of a case's inputs to rotate through so that a run does not find them in L2: enough for
+    twice the L2 size on CUDA (at most ``limit``), 1 on the CPU."""
+    if device.type != "cuda" or working_set_bytes <= 0:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return int(min(limit, max(1, math.ceil(2 * l2 / working_set_bytes))))
