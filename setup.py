@@ -3,7 +3,42 @@
 The Triton kernels live in the top-level folder ``kernels/`` of the repository and are installed as
 ``genfast.kernels``; no top-level module named ``kernels`` is installed.
 """
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for the C++ extension genfast._C, or none when torch is not importable here (pip's
+    isolated build of a fresh clone): the first use then compiles the same sources just-in-time (genfast.cpp)."""
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("genfast: torch is not importable at build time; the C++ kernels will be compiled on first use")
+        return [], {}
+    # genfast/cpp/__init__.py holds the source list and flags shared with the just-in-time build; it is loaded by
+    # path because importing the genfast package needs its dependencies.
+    spec = importlib.util.spec_from_file_location("_genfast_cpp_build", ROOT / "genfast" / "cpp" / "__init__.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    skip = build.cuda_skip_reason()
+    if skip is not None:
+        print(f"genfast: building the C++ CPU kernels only, not the CUDA ones: {skip}")
+    flags = build.compile_flags()
+    # Paths relative to setup.py: setuptools refuses absolute source paths.
+    srcs = [os.path.relpath(p, ROOT) for p in build.sources(ROOT, cuda=skip is None)]
+    if skip is None:
+        ext = cpp_extension.CUDAExtension("genfast._C", srcs, extra_compile_args=flags)
+    else:
+        ext = cpp_extension.CppExtension("genfast._C", srcs, extra_compile_args={"cxx": flags["cxx"]})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+EXT_MODULES, CMDCLASS = _extension_build()
 
 setup(
     name="genfast",
@@ -38,4 +73,6 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["genfast = genfast.cli:main"]},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
 )

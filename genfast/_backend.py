@@ -1,8 +1,10 @@
 """Backend selection: which implementation the registered ops run.
 
-Names: ``"auto"`` (default: Triton kernels for CUDA tensors, the pure-PyTorch reference elsewhere), ``"reference"``
-and ``"triton"``. ``"triton"`` on CPU tensors runs the Triton kernels in the interpreter and so needs
-``TRITON_INTERPRET=1`` in the environment before genfast is imported. The default comes from ``GENFAST_BACKEND``.
+Names: ``"auto"`` (default: Triton kernels for CUDA tensors, the C++ kernels for CPU tensors when the extension
+loads, else the pure-PyTorch reference), ``"reference"``, ``"triton"`` and ``"cpp"`` (the C++ kernels of
+``csrc/``: every op on the CPU, GroupNorm + SiLU also on CUDA; see ``genfast.cpp``). ``"triton"`` on CPU tensors
+runs the Triton kernels in the interpreter and so needs ``TRITON_INTERPRET=1`` in the environment before genfast
+is imported. The default comes from ``GENFAST_BACKEND``.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpp")
 
 _current: str | None = None
 
@@ -66,17 +68,43 @@ def triton_unavailable_reason() -> str | None:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend ("reference" or "triton") for tensors of ``dtype`` on ``device``.
+def _cpp():
+    return importlib.import_module("genfast.cpp")
 
-    The kernels take fp32, bf16 and fp16; float64 runs on the reference (under "auto") or is refused ("triton")."""
+
+def _resolve_cpp(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
+    if dtype not in KERNEL_DTYPES:
+        raise TypeError(f"genfast backend 'cpp' takes float32, bfloat16 or float16 tensors, got {dtype}; "
+                        "use backend 'reference' for float64")
+    cpp = _cpp()
+    if not cpp.has_kernels(kernels, device.type):
+        raise RuntimeError(f"genfast backend 'cpp' has no {device.type} kernels for the {kernels} ops (it runs "
+                           "every op on the CPU and group_norm_silu on CUDA); use backend 'auto'")
+    reason = cpp.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"genfast backend 'cpp' is not available: {reason}")
+    return "cpp"
+
+
+def resolve_backend(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
+    """The concrete backend ("reference", "triton" or "cpp") for the op of ``genfast.kernels.<kernels>`` on
+    tensors of ``dtype`` on ``device``.
+
+    The kernels take fp32, bf16 and fp16; float64 runs on the reference (under "auto") or is refused."""
     name = get_backend()
     if name == "reference":
         return name
     if name == "auto":
-        # The interpreter is a correctness tool, not a speed-up: auto keeps the reference on the CPU.
-        usable = device.type == "cuda" and dtype in KERNEL_DTYPES and triton_unavailable_reason() is None
-        return "triton" if usable else "reference"
+        if dtype not in KERNEL_DTYPES:
+            return "reference"
+        if device.type == "cuda":
+            return "triton" if triton_unavailable_reason() is None else "reference"
+        # The Triton interpreter is a correctness tool, not a speed-up: on the CPU auto takes the C++ kernels.
+        cpp = _cpp()
+        usable = device.type == "cpu" and cpp.has_kernels(kernels, "cpu") and cpp.unavailable_reason(device) is None
+        return "cpp" if usable else "reference"
+    if name == "cpp":
+        return _resolve_cpp(device, dtype, kernels)
     # name == "triton"
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"genfast backend 'triton' takes float32, bfloat16 or float16 tensors, got {dtype}; "
@@ -95,21 +123,27 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def implementation(backend: str, reference, kernels: str):
-    """The module that runs an op for a resolved ``backend``: ``genfast.kernels.<kernels>`` for "triton" (imported
-    on first use, so genfast imports without Triton), else the ``reference`` module."""
-    if backend == "triton":
-        return importlib.import_module(f"genfast.kernels.{kernels}")
+    """The module that runs an op for a resolved ``backend``: ``genfast.kernels.<kernels>`` for "triton",
+    ``genfast.cpp.<kernels>`` for "cpp" (both imported on first use, so genfast imports without Triton or a
+    compiler), else the ``reference`` module."""
+    if backend in ("triton", "cpp"):
+        package = "genfast.kernels" if backend == "triton" else "genfast.cpp"
+        return importlib.import_module(f"{package}.{kernels}")
     return reference
 
 
 def unavailable_reason(name: str, device: str | torch.device = "cpu") -> str | None:
     """``None`` when backend ``name`` can run ops on tensors on ``device``, else why not, in one sentence.
 
-    This is what ``genfast info`` prints and how the benchmarks pick the backends to time."""
+    This is what ``genfast info`` prints and how the benchmarks pick the backends to time. For "cpp" it loads the
+    extension (compiling it on first use if it was not built); on CUDA the "cpp" backend runs group_norm_silu
+    only."""
     _check_name(name, "backend")
     device = torch.device(device)
     if name in ("auto", "reference"):
         return None
+    if name == "cpp":
+        return _cpp().unavailable_reason(device)
     # name == "triton"
     reason = triton_unavailable_reason()
     if reason is not None:

@@ -43,17 +43,18 @@ def test_set_backend_rejects_unknown_names(monkeypatch):
 
 def test_resolution(monkeypatch):
     with genfast.use_backend("auto"):
-        assert resolve_backend(CPU, torch.float32) == "reference"
-        assert resolve_backend(torch.device("cuda"), torch.float64) == "reference"
-        assert resolve_backend(torch.device("cuda"), torch.bfloat16) == "triton"
+        assert resolve_backend(CPU, torch.float32, "group_norm_silu") == "cpp"
+        assert resolve_backend(CPU, torch.float64, "group_norm_silu") == "reference"
+        assert resolve_backend(torch.device("cuda"), torch.float64, "group_norm_silu") == "reference"
+        assert resolve_backend(torch.device("cuda"), torch.bfloat16, "group_norm_silu") == "triton"
     with genfast.use_backend("triton"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert resolve_backend(CPU, torch.float16) == "triton"
+        assert resolve_backend(CPU, torch.float16, "group_norm_silu") == "triton"
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            resolve_backend(CPU, torch.float32)
+            resolve_backend(CPU, torch.float32, "group_norm_silu")
         with pytest.raises(TypeError, match="float64"):
-            resolve_backend(torch.device("cuda"), torch.float64)
+            resolve_backend(torch.device("cuda"), torch.float64, "group_norm_silu")
 
 
 def _run_outside_repo(code, tmp_path, **env):

@@ -277,7 +277,7 @@ def q_sample(x0: Tensor, t: Timesteps, schedule: NoiseSchedule, noise: Optional[
     x0, t, noise = _prepare(x0, "x0", schedule, t, noise, generator)
     noise, seed = _noise_and_seed(noise, x0, generator, True)
     return _q_sample_op(x0, t, noise, seed, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                        resolve_backend(x0.device, x0.dtype))
+                        resolve_backend(x0.device, x0.dtype, "diffusion"))
 
 
 def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: NoiseSchedule, *,
@@ -290,12 +290,12 @@ def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedu
     x0, t, _ = _prepare(x0, "x0", schedule, t, None, generator, draw_t=True)
     seed = draw_seed(x0.device, generator)
     x_t = _q_sample_op(x0, t, None, seed, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                       resolve_backend(x0.device, x0.dtype))
+                       resolve_backend(x0.device, x0.dtype, "diffusion"))
     eps_hat = model(x_t, t)
     check_like(eps_hat, "model(x_t, t)", x0, "x0")
     # the noise stream is indexed by memory position: ε̂ must be laid out like x0
     eps_hat = match_layout(eps_hat, x_t)
-    return _noise_mse_op(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype))
+    return _noise_mse_op(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype, "diffusion"))
 
 
 def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
@@ -313,7 +313,7 @@ def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSc
     return _ddpm_step_op(model_output, t, x_t, noise, seed, schedule.sqrt_alphas_cumprod,
                          schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
                          schedule.posterior_mean_coef2, schedule.posterior_variance,
-                         resolve_backend(x_t.device, x_t.dtype))
+                         resolve_backend(x_t.device, x_t.dtype, "diffusion"))
 
 
 def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
@@ -336,4 +336,4 @@ def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor
     noise, seed = _noise_and_seed(noise, x_t, generator, eta > 0)
     return _ddim_step_op(model_output, t, t_prev, x_t, noise, seed, eta, schedule.alphas_cumprod,
                          schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                         resolve_backend(x_t.device, x_t.dtype))
+                         resolve_backend(x_t.device, x_t.dtype, "diffusion"))

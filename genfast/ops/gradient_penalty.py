@@ -152,7 +152,7 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     real = batch_major(real.to(dtype))
     fake = match_layout(fake, real, dtype=dtype)
     alpha = _alpha(alpha, real, generator)
-    backend = resolve_backend(real.device, dtype)
+    backend = resolve_backend(real.device, dtype, "gradient_penalty")
     x_hat = _interpolate_op(real, fake, alpha, backend)
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():  # under no_grad the value is still wanted, and it needs g

@@ -131,6 +131,6 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     are read in place, other strided inputs are copied first."""
     _check_args(x, num_groups, weight, bias, eps, add, scale, shift, activation)
     x = _kernel_layout(x)
-    backend = resolve_backend(x.device, x.dtype)
+    backend = resolve_backend(x.device, x.dtype, "group_norm_silu")
     return _group_norm_silu_op(x, weight, bias, add, scale, shift, num_groups, float(eps), activation == "silu",
                                backend)[0]

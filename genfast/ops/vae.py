@@ -78,7 +78,7 @@ def _prepare(mu, logvar, noise, generator, *, need_noise: bool):
         seed = draw_seed(mu.device, generator)
     else:
         seed = torch.zeros(2, dtype=torch.int64, device=mu.device)
-    return mu, logvar, noise, seed, resolve_backend(mu.device, mu.dtype)
+    return mu, logvar, noise, seed, resolve_backend(mu.device, mu.dtype, "reparameterize")
 
 
 def reparameterize_kl(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,

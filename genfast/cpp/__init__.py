@@ -1,0 +1,183 @@
+"""The "cpp" backend: C++ kernels (CPU, plus CUDA C++ for GroupNorm + SiLU) registered as internal torch ops.
+
+Build. ``setup.py`` compiles every ``csrc/cpu/*.cpp`` (and, where ``cuda_skip_reason()`` is None, every
+``csrc/cuda/*.cu``) into one extension, ``genfast/_C.*.so``. When that file is absent or older than a source in
+``csrc/`` (a source checkout edited since the build), the first use compiles the same sources just-in-time with
+``torch.utils.cpp_extension.load`` into torch's extension cache (once; later runs reuse it). The flags are
+``compile_flags()`` in both cases. On x86-64 the CPU code is compiled for AVX2 + FMA, so that ``at::vec::Vectorized``
+uses 256-bit registers and a vectorised ``exp``; on a CPU without AVX2 the extension is not loaded and "auto"
+keeps the reference (``unavailable_reason`` says why).
+
+Registration pattern (one per op; the C++ function names are those of the reference module, prefixed ``cpp_``):
+
+1. ``csrc/cpu/<op>.cpp`` defines the internal op and its CPU kernel::
+
+       TORCH_LIBRARY_FRAGMENT(genfast, m) {
+         m.def("cpp_group_norm_silu(Tensor x, Tensor? weight, ..., int num_groups, float eps, bool silu)"
+               " -> (Tensor, Tensor, Tensor)");
+       }
+       TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("cpp_group_norm_silu", &group_norm_silu_cpu); }
+
+   A CUDA kernel goes in ``csrc/cuda/<op>.cu`` with ``TORCH_LIBRARY_IMPL(genfast, CUDA, m)`` only (the schema
+   stays in the .cpp file, which is always compiled). The build globs the folders: adding a file is enough.
+2. ``genfast/cpp/<kernels module>.py`` (the name of the Triton module in ``kernels/``) exposes the reference
+   module's functions with the same signatures and returns, calling ``ops().cpp_<function>(...)``, and declares
+   ``DEVICES = ("cpu",)`` (or ``("cpu", "cuda")``): the devices it has kernels for.
+3. Nothing else: ``genfast._backend.resolve_backend(device, dtype, "<kernels module>")`` returns "cpp" under "auto"
+   on the CPU (fp32/bf16/fp16) when that module exists, lists the device and the extension loads, and
+   ``implementation("cpp", ...)`` imports ``genfast.cpp.<kernels module>``. The internal ops run only inside the
+   public ``genfast::*`` custom ops (which have the fake implementations torch.compile needs): there is no
+   second public API.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EXTENSION = "genfast._C"  # built by setup.py
+JIT_NAME = "genfast_cpp"  # the just-in-time build in torch's extension cache
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository root in a source checkout
+JIT_SECONDS = 60  # about how long the just-in-time build of the CPU sources takes on 2 cores
+
+
+def x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def compile_flags() -> dict[str, list[str]]:
+    """Compiler flags by language ("cxx", "nvcc"); one place for setup.py and the just-in-time build."""
+    cxx = ["-O3", "-Wno-unknown-pragmas"]
+    if x86_64():
+        # at::vec picks its implementation from CPU_CAPABILITY_*; the loader refuses CPUs without AVX2 (every
+        # AVX2 CPU also has FMA and F16C, which ATen's AVX2 code uses).
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return {"cxx": cxx, "nvcc": ["-O3"]}
+
+
+def sources(root: Path = SOURCE_ROOT, *, cuda: bool) -> list[str]:
+    """Every C++ source of the extension under ``root``, sorted: csrc/cpu/*.cpp, and csrc/cuda/*.cu with ``cuda``."""
+    found = sorted((root / "csrc" / "cpu").glob("*.cpp"))
+    if cuda:
+        found += sorted((root / "csrc" / "cuda").glob("*.cu"))
+    return [str(p) for p in found]
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidate = Path(CUDA_HOME) / "bin" / "nvcc" if CUDA_HOME else None
+    if candidate is not None and candidate.exists():
+        return str(candidate)
+    return shutil.which("nvcc")
+
+
+def cuda_skip_reason() -> str | None:
+    """None when the CUDA sources can be compiled for this torch, else why not (one sentence)."""
+    if os.environ.get("GENFAST_BUILD_CUDA", "1") == "0":
+        return "GENFAST_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    nvcc = _nvcc()
+    if nvcc is None:
+        return "no CUDA toolkit (nvcc) was found"
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return f"could not read the version of {nvcc}"
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        return (f"nvcc {found.group(1)}.{found.group(2)} does not match the CUDA major version "
+                f"{torch.version.cuda} of torch")
+    return None
+
+
+def _stale(library: Path, root: Path) -> bool:
+    """The built library is older than a source file of the checkout it was built from."""
+    newest = max((p.stat().st_mtime for p in (root / "csrc").rglob("*") if p.is_file()), default=0.0)
+    return library.stat().st_mtime < newest
+
+
+def _jit_build() -> str:
+    """Compile the sources just-in-time (once; torch caches the build) and load the library; returns its path."""
+    from torch.utils import cpp_extension
+
+    if not sources(cuda=False):
+        raise RuntimeError(f"the C++ extension {EXTENSION} is not built and no sources were found under "
+                           f"{SOURCE_ROOT / 'csrc'} to compile it")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"the C++ extension {EXTENSION} is not built and no C++ compiler ({compiler}) is "
+                           "available to compile it")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError(f"the C++ extension {EXTENSION} is not built and ninja (needed to compile it "
+                           "just-in-time) is not installed")
+    cuda = torch.cuda.is_available() and cuda_skip_reason() is None
+    flags = compile_flags()
+    print(f"genfast: compiling the C++ {'CPU and CUDA' if cuda else 'CPU'} kernels (once, ~{JIT_SECONDS} s)…",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    path = cpp_extension.load(name=JIT_NAME, sources=sources(cuda=cuda), extra_cflags=flags["cxx"],
+                              extra_cuda_cflags=flags["nvcc"], is_python_module=False, verbose=False)
+    print(f"genfast: C++ kernels ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return str(path)  # with is_python_module=False, load() loads the library and returns its path
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str:
+    """Load the extension (the built one, else a just-in-time build) once; returns the loaded library's path."""
+    if x86_64() and not torch.cpu._is_avx2_supported():
+        raise RuntimeError("the C++ CPU kernels are compiled for AVX2 and this CPU does not support it")
+    spec = importlib.util.find_spec(EXTENSION)
+    if spec is not None and spec.origin is not None:
+        library = Path(spec.origin)
+        if not (SOURCE_ROOT / "csrc").is_dir() or not _stale(library, SOURCE_ROOT):
+            torch.ops.load_library(str(library))
+            return str(library)
+    return _jit_build()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_error() -> str | None:
+    try:
+        _load()
+    except Exception as exc:  # no compiler, a failed build, an unsupported CPU: "auto" falls back to the reference
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def ops():
+    """``torch.ops.genfast`` with the C++ ops registered (loads or builds the extension on first use)."""
+    _load()
+    return torch.ops.genfast
+
+
+def has_kernels(kernels: str, device_type: str) -> bool:
+    """A module ``genfast.cpp.<kernels>`` exists and declares kernels for ``device_type``."""
+    if importlib.util.find_spec(f"{__name__}.{kernels}") is None:
+        return False
+    return device_type in importlib.import_module(f"{__name__}.{kernels}").DEVICES
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the C++ kernels can run on tensors on ``device``, else why not (loads the extension)."""
+    if device.type not in ("cpu", "cuda"):
+        return f"the C++ kernels run on CPU and CUDA tensors, not on {device.type}"
+    error = _load_error()
+    if error is not None:
+        return error
+    if device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "genfast::cpp_group_norm_silu", "CUDA"):
+        why = cuda_skip_reason() or ("no CUDA device was available when the kernels were compiled just-in-time"
+                                     if not torch.cuda.is_available() else "the CUDA sources were not compiled")
+        return f"the C++ extension was built without its CUDA kernels ({why})"
+    return None
