@@ -28,9 +28,9 @@ def down_conv(in_channels: int, out_channels: int, size: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 4 if size % 2 == 0 else 3, stride=2, padding=1)
 
 
-def up_conv(in_channels: int, out_channels: int, size: int) -> nn.ConvTranspose2d:
+def up_conv(in_channels: int, out_channels: int, size: int, *, bias: bool = True) -> nn.ConvTranspose2d:
     """ConvTranspose2d from the ladder size below ``size`` up to size×size, the inverse of :func:`down_conv`."""
-    return nn.ConvTranspose2d(in_channels, out_channels, 4 if size % 2 == 0 else 3, stride=2, padding=1)
+    return nn.ConvTranspose2d(in_channels, out_channels, 4 if size % 2 == 0 else 3, stride=2, padding=1, bias=bias)
 
 
 def check_images(x, name: str, *, channels: int, image_size: int) -> None:

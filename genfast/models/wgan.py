@@ -27,7 +27,9 @@ class Generator(nn.Module):
         layers = [nn.ConvTranspose2d(latent_dim, top, sizes[-1], bias=False), nn.BatchNorm2d(top), nn.ReLU()]
         for j in range(levels, 1, -1):
             out = level_channels(base_channels, j - 1)
-            layers += [up_conv(level_channels(base_channels, j), out, sizes[j - 1]), nn.BatchNorm2d(out), nn.ReLU()]
+            # no conv bias before a BatchNorm: the norm removes it (its gradient is rounding noise, which Adam amplifies)
+            layers += [up_conv(level_channels(base_channels, j), out, sizes[j - 1], bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU()]
         layers += [up_conv(base_channels, out_channels, sizes[0]), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
