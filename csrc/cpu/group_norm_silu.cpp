@@ -18,9 +18,11 @@
 //   dx = rstd·(α·dm − m1 − x̂·m2)       dadd = rstd·(α·P − S·m1 − R·m2)
 //   dshift = P    dscale = w·Q + b·P    dweight = Σ_b (1 + scale)·Q    dbias = Σ_b (1 + scale)·P
 // dm is kept in a scratch buffer between the two passes. Every reduction runs in a fixed order: deterministic.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -20,6 +20,8 @@ Registration pattern (one per op; the C++ function names are those of the refere
 
    A CUDA kernel goes in ``csrc/cuda/<op>.cu`` with ``TORCH_LIBRARY_IMPL(genfast, CUDA, m)`` only (the schema
    stays in the .cpp file, which is always compiled). The build globs the folders: adding a file is enough.
+   Include ``<ATen/core/Tensor.h>``, ``<ATen/ops/<name>.h>``, ``<ATen/Parallel.h>``, ``<ATen/cpu/vec/vec.h>`` and
+   ``<torch/library.h>``, not ``<ATen/ATen.h>`` or ``<torch/extension.h>``: those cost ~30 s of compile per file.
 2. ``genfast/cpp/<kernels module>.py`` (the name of the Triton module in ``kernels/``) exposes the reference
    module's functions with the same signatures and returns, calling ``ops().cpp_<function>(...)``, and declares
    ``DEVICES = ("cpu",)`` (or ``("cpu", "cuda")``): the devices it has kernels for.
@@ -161,6 +163,7 @@ def ops():
     return torch.ops.genfast
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernels(kernels: str, device_type: str) -> bool:
     """A module ``genfast.cpp.<kernels>`` exists and declares kernels for ``device_type``."""
     if importlib.util.find_spec(f"{__name__}.{kernels}") is None:
