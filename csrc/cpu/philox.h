@@ -7,10 +7,14 @@
 // the widest SIMD the build enables); log, sqrt, sin and cos are at::vec's (SLEEF, 1 ulp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+
+#if defined(__AVX2__) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace genfast::cpu {
 
@@ -23,7 +27,6 @@ constexpr int64_t kMaxNoiseSampleNumel = int64_t(1) << 34;
 
 typedef uint32_t U32xL __attribute__((vector_size(4 * kLanes)));
 typedef int32_t I32xL __attribute__((vector_size(4 * kLanes)));
-typedef uint64_t U64xL __attribute__((vector_size(8 * kLanes)));
 typedef float F32xL __attribute__((vector_size(4 * kLanes)));
 
 // The seed [key, offset] of a Philox stream, split into 32-bit words.
@@ -42,10 +45,28 @@ inline PhiloxKey read_seed(const at::Tensor& seed, const char* op) {
   return {uint32_t(key), uint32_t(key >> 32), uint32_t(offset), uint32_t(offset >> 32)};
 }
 
+// High and low words of the 64-bit products a·b. On x86 the even and odd 32-bit lanes multiply as 32×32→64 with
+// vpmuludq (compilers turn the portable form into a 64×64 multiplication by shifts and adds, 4× slower).
 inline void mul_hi_lo(uint32_t a, U32xL b, U32xL& hi, U32xL& lo) {
-  const U64xL product = __builtin_convertvector(b, U64xL) * uint64_t(a);
-  hi = __builtin_convertvector(product >> 32, U32xL);
-  lo = __builtin_convertvector(product, U32xL);
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kLanes == 16);
+  const __m512i v = (__m512i)b, m = _mm512_set1_epi32(int(a));
+  const __m512i even = _mm512_mul_epu32(v, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(v, 32), m);
+  lo = (U32xL)_mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = (U32xL)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+#elif defined(__AVX2__)
+  static_assert(kLanes == 8);
+  const __m256i v = (__m256i)b, m = _mm256_set1_epi32(int(a));
+  const __m256i even = _mm256_mul_epu32(v, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(v, 32), m);
+  lo = (U32xL)_mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = (U32xL)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+#else
+  for (int64_t i = 0; i < kLanes; ++i) {
+    const uint64_t product = uint64_t(a) * b[i];
+    hi[i] = uint32_t(product >> 32);
+    lo[i] = uint32_t(product);
+  }
+#endif
 }
 
 // Philox4x32-10 on kLanes counters (c0, c1, c2, c3) with key (k0, k1), in place.
