@@ -174,8 +174,8 @@ def _case_label(r: dict) -> str:
 
 
 def plot(recs: list[dict], peak_gbps: float, stem: Path) -> list[Path]:
-    """Two horizontal bar charts per run (matplotlib Agg): speed-up over eager per case and implementation, and
-    achieved bandwidth with the measured copy bandwidth as a line. Returns the PNG paths."""
+    """Two horizontal bar charts per run (matplotlib Agg, log scale): speed-up over eager per case and
+    implementation, and achieved bandwidth with the measured copy bandwidth as a line. Returns the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,15 +189,17 @@ def plot(recs: list[dict], peak_gbps: float, stem: Path) -> list[Path]:
         ("vs_eager", "speed-up over eager PyTorch (>1 is faster)", "eager time / time", "speedup"),
         ("gbps", "achieved bandwidth (minimal bytes / median time)", "GB/s", "bandwidth"),
     ):
-        fig, ax = plt.subplots(figsize=(10, 1.5 + 0.28 * len(labels) * max(1, len(impls)) / 2))
-        height = 0.8 / max(1, len(impls))
-        for j, impl in enumerate(impls):
+        shown = [i for i in impls if not (key == "vs_eager" and i == EAGER)]
+        fig, ax = plt.subplots(figsize=(10, 1.5 + 0.14 * len(labels) * max(2, len(shown))))
+        height = 0.8 / max(1, len(shown))
+        for j, impl in enumerate(shown):
             values = {_case_label(r): r[key] for r in ok if r["impl"] == impl and r["bytes"]}
             ys = [i + j * height for i, lab in enumerate(labels) if values.get(lab) is not None]
             xs = [values[lab] for lab in labels if values.get(lab) is not None]
             ax.barh(ys, xs, height=height, label=impl)
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
         ax.invert_yaxis()
+        ax.set_xscale("log")
         if key == "vs_eager":
             ax.axvline(1.0, color="black", linewidth=0.8)
         else:

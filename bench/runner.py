@@ -13,7 +13,7 @@ import genfast
 from genfast import _backend
 
 from .ops import OPS, Case, OpBench, minimal_bytes
-from .timing import l2_copies, profile_call, time_call
+from .timing import input_copies, profile_call, time_call
 
 EAGER, COMPILE = "eager", "compile"
 
@@ -74,12 +74,12 @@ def _targets(op: OpBench, inputs: dict) -> list:
 
 
 def make_call(op: OpBench, case: Case, fn: Callable[[dict], tuple], device: torch.device) -> Callable[[], object]:
-    """The timed callable for ``case.mode``, rotating through enough input copies to miss L2 on CUDA.
+    """The timed callable for ``case.mode``, rotating through enough input copies to miss the cache.
 
     forward: ``fn(inputs)`` under no_grad; backward: ``autograd.grad`` of outputs recorded once per copy
     (retain_graph); forward+backward: both. The first call happens here (it compiles a torch.compile'd ``fn``)."""
     grad = case.mode != "forward"
-    copies = l2_copies(device, minimal_bytes(op, case))
+    copies = input_copies(device, minimal_bytes(op, case))
     inputs = [op.inputs(case, device, grad) for _ in range(copies)]
     if case.mode == "forward":
         cycle = itertools.cycle(inputs)

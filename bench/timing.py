@@ -14,6 +14,7 @@ import math
 import os
 import statistics
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -115,10 +116,28 @@ def copy_bandwidth(device: torch.device, *, nbytes: int, threads: int, min_run_t
     return 2 * numel * 4 / timing.median
 
 
-def l2_copies(device: torch.device, working_set_bytes: int, *, limit: int = 8) -> int:
-    """How many copies of a case's inputs to rotate through so that a run does not find them in L2: enough for
-    twice the L2 size on CUDA (at most ``limit``), 1 on the CPU."""
-    if device.type != "cuda" or working_set_bytes <= 0:
+def _cpu_last_level_cache_bytes() -> int:
+    """Size of the CPU's last-level cache from sysfs (Linux), 0 where it cannot be read."""
+    best = (0, 0)
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        value = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        best = max(best, (level, value))
+    return best[1]
+
+
+def input_copies(device: torch.device, working_set_bytes: int, *, limit: int = 8) -> int:
+    """How many copies of a case's inputs to rotate through so that a call does not find them in cache: enough to
+    cover twice the L2 (CUDA) or the last-level cache (CPU), at most ``limit``."""
+    if working_set_bytes <= 0:
         return 1
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    return int(min(limit, max(1, math.ceil(2 * l2 / working_set_bytes))))
+    if device.type == "cuda":
+        cache = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    else:
+        cache = _cpu_last_level_cache_bytes()
+    return int(min(limit, max(1, math.ceil(2 * cache / working_set_bytes))))
