@@ -53,7 +53,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         if self.files is None:
             return self.images[index].float() / 255.0
-        image = _decode(self.files[index], channels=self.channels, image_size=self.image_size, crop=self.crop)
+        path = self.files[index]
+        try:
+            image = _decode(path, channels=self.channels, image_size=self.image_size, crop=self.crop)
+        except OSError as error:  # a file whose header was readable but whose data is not (e.g. truncated)
+            raise OSError(f"cannot decode image {str(path)!r}: {error}") from error
         return image.float() / 255.0
 
 

@@ -106,6 +106,19 @@ def test_folder_loader_skips_corrupt_files_with_one_warning(tmp_path):
     torch.testing.assert_close(dataset[2][:, 0, 0], torch.full((3,), 128 / 255))  # grey L image → RGB
 
 
+def test_a_file_truncated_after_its_header_fails_on_access_naming_it(tmp_path):
+    _write_png(tmp_path / "ok.png")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])  # header intact, pixel data cut
+    dataset = load_dataset("folder", data_dir=tmp_path, image_size=8)
+    assert len(dataset) == 2
+    with pytest.raises(OSError, match="cannot decode image .*cut.png"):
+        dataset[0]
+    assert dataset[1].shape == (3, 8, 8)
+
+
 def test_folder_loader_center_crops_to_a_square(tmp_path):
     image = np.zeros((10, 30, 3), dtype=np.uint8)
     image[:, 10:20] = 255  # the central 10×10 square is white, the sides black

@@ -27,7 +27,7 @@ class Generator(nn.Module):
         layers = [nn.ConvTranspose2d(latent_dim, top, sizes[-1], bias=False), nn.BatchNorm2d(top), nn.ReLU()]
         for j in range(levels, 1, -1):
             out = level_channels(base_channels, j - 1)
-            # no conv bias before a BatchNorm: the norm removes it (its gradient is rounding noise, which Adam amplifies)
+            # no conv bias before a BatchNorm: the norm removes it (its gradient is rounding noise that Adam amplifies)
             layers += [up_conv(level_channels(base_channels, j), out, sizes[j - 1], bias=False), nn.BatchNorm2d(out),
                        nn.ReLU()]
         layers += [up_conv(base_channels, out_channels, sizes[0]), nn.Tanh()]
