@@ -47,6 +47,11 @@ def _device(name) -> torch.device:
     return device
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _op_tasks(args, backends: list[str]) -> list[tuple]:
     cases = ops.quick_cases() if args.quick else ops.full_cases()
     if args.ops:
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"genfast bench: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    started, cpu_started, load = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
     backends, skipped = runner.genfast_backends(device)
     min_run_time = 0.2 if args.quick else 1.0
     timing = dict(threads=args.threads, min_run_time=min_run_time)
@@ -98,12 +103,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             rows.append(e2e.measure(*what, impl, device, **timing))
 
+    wall_s, cpu_s = time.perf_counter() - started, _cpu_seconds() - cpu_started
     recs = report.records(rows, peak)
     print(report.table(recs, launches=device.type == "cuda"))
     machine = report.machine_info(device, args.threads)
     stamp = datetime.now(timezone.utc)
     settings = dict(quick=args.quick, ops=args.ops, no_e2e=args.no_e2e, no_compile=args.no_compile,
-                    min_run_time_s=min_run_time, started_utc=stamp.isoformat(timespec="seconds"))
+                    min_run_time_s=min_run_time, finished_utc=stamp.isoformat(timespec="seconds"),
+                    wall_s=round(wall_s, 1), cpu_s=round(cpu_s, 1), load_average_1min_at_start=load)
     info = dict(machine=machine, settings=settings, copy_bandwidth_gbps=peak / 1e9,
                 backends=dict(timed=backends, skipped=skipped))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     report.write_csv(stem.with_suffix(".csv"), machine, recs)
     plots = report.plot(recs, peak / 1e9, stem)
     failed = sum(1 for r in recs if r["error"])
-    print(f"{len(recs)} rows ({failed} failed) in {time.perf_counter() - started:.0f} s; wrote "
+    print(f"{len(recs)} rows ({failed} failed) in {wall_s:.0f} s wall, {cpu_s:.0f} s CPU (this process and its "
+          "children; on a busy machine the CPU time is the better guide to the run's cost); wrote "
           + ", ".join(str(p) for p in [stem.with_suffix(".json"), stem.with_suffix(".csv"), *plots]))
     return 0
 

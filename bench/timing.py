@@ -25,17 +25,20 @@ from torch.profiler import ProfilerActivity, profile
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: the median and the interquartile range (q75 − q25) over ``runs`` timed blocks (the IQR is
-    None with fewer than 3 blocks: a call slower than the time budget is timed once or twice)."""
+    """Seconds per call: the median and the interquartile range (q75 − q25) over ``runs`` timed blocks."""
 
     median: float
-    iqr: Optional[float]
+    iqr: float
     runs: int
 
 
+MIN_CPU_RUNS = 3
+
+
 def time_call(fn: Callable[[], object], device: torch.device, *, threads: int, min_run_time: float) -> Timing:
-    """Times ``fn()`` on ``device``: do_bench on CUDA (``min_run_time`` seconds of repetitions), blocked_autorange
-    with ``threads`` threads on the CPU."""
+    """Times ``fn()`` on ``device``: do_bench on CUDA (``min_run_time`` seconds of repetitions); on the CPU
+    blocked_autorange with ``threads`` threads for ``min_run_time`` seconds, topped up to MIN_CPU_RUNS single
+    calls when a call is slower than that."""
     if device.type == "cuda":
         import triton.testing
 
@@ -44,13 +47,11 @@ def time_call(fn: Callable[[], object], device: torch.device, *, threads: int, m
         return Timing(median=q50 / 1e3, iqr=(q75 - q25) / 1e3, runs=max(1, int(min_run_time * 1000 / q50)))
     fn()  # warm-up: first-call allocations and lazy initialisation stay out of the timing
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    times = measurement.times
-    iqr = None
-    if len(times) >= 3:
-        q25, _, q75 = statistics.quantiles(times, n=4, method="inclusive")
-        iqr = q75 - q25
-    return Timing(median=measurement.median, iqr=iqr, runs=len(times))
+    times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
+    while len(times) < MIN_CPU_RUNS:  # a call slower than the budget: a median of a few, not one sample
+        times += timer.timeit(1).times
+    q25, median, q75 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median=median, iqr=q75 - q25, runs=len(times))
 
 
 @dataclass(frozen=True)
