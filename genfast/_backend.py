@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from . import cpp
+
 BACKENDS = ("auto", "reference", "triton", "cpp")
 
 _current: str | None = None
@@ -68,21 +70,22 @@ def triton_unavailable_reason() -> str | None:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cpp():
-    return importlib.import_module("genfast.cpp")
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the result
+def _cpp_reason(kernels: str, device_type: str) -> str | None:
+    """None when the C++ kernels run the ops of ``kernels`` on ``device_type`` tensors, else why not."""
+    if not cpp.has_kernels(kernels, device_type):
+        return (f"it has no {device_type} kernels for the {kernels} ops (it runs every op on the CPU and "
+                "group_norm_silu on CUDA)")
+    return cpp.unavailable_reason(torch.device(device_type))
 
 
 def _resolve_cpp(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"genfast backend 'cpp' takes float32, bfloat16 or float16 tensors, got {dtype}; "
                         "use backend 'reference' for float64")
-    cpp = _cpp()
-    if not cpp.has_kernels(kernels, device.type):
-        raise RuntimeError(f"genfast backend 'cpp' has no {device.type} kernels for the {kernels} ops (it runs "
-                           "every op on the CPU and group_norm_silu on CUDA); use backend 'auto'")
-    reason = cpp.unavailable_reason(device)
+    reason = _cpp_reason(kernels, device.type)
     if reason is not None:
-        raise RuntimeError(f"genfast backend 'cpp' is not available: {reason}")
+        raise RuntimeError(f"genfast backend 'cpp' cannot run the {kernels} ops on {device.type} tensors: {reason}")
     return "cpp"
 
 
@@ -100,9 +103,7 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, kernels: str) -> s
         if device.type == "cuda":
             return "triton" if triton_unavailable_reason() is None else "reference"
         # The Triton interpreter is a correctness tool, not a speed-up: on the CPU auto takes the C++ kernels.
-        cpp = _cpp()
-        usable = device.type == "cpu" and cpp.has_kernels(kernels, "cpu") and cpp.unavailable_reason(device) is None
-        return "cpp" if usable else "reference"
+        return "cpp" if device.type == "cpu" and _cpp_reason(kernels, "cpu") is None else "reference"
     if name == "cpp":
         return _resolve_cpp(device, dtype, kernels)
     # name == "triton"
@@ -143,7 +144,7 @@ def unavailable_reason(name: str, device: str | torch.device = "cpu") -> str | N
     if name in ("auto", "reference"):
         return None
     if name == "cpp":
-        return _cpp().unavailable_reason(device)
+        return cpp.unavailable_reason(device)
     # name == "triton"
     reason = triton_unavailable_reason()
     if reason is not None:

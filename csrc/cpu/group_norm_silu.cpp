@@ -25,6 +25,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "group_norm_silu.h"
+
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -146,9 +148,7 @@ void shifted_sums(const float* x, int64_t n, float t, double& sum, double& sumsq
 }
 
 // Everything the kernels read, as fp32 (B, C) tables (weight/bias as (C,)), plus the geometry.
-struct Problem {
-  int64_t B, C, G, CPG, S;
-  bool nhwc;
+struct Problem : GroupNormGeometry {
   std::vector<float> w, bias, add, gain, shift;  // gain = 1 + scale
 };
 
@@ -161,48 +161,12 @@ std::vector<float> table(const c10::optional<at::Tensor>& t, int64_t n, float fi
   return out;
 }
 
-bool collapses_as_nhwc(const at::Tensor& x) {
-  const int64_t C = x.size(1);
-  if (x.stride(1) != 1 && C != 1) return false;
-  int64_t expected = C;
-  for (int64_t d = x.dim() - 1; d >= 2; --d) {
-    if (x.size(d) != 1 && x.stride(d) != expected) return false;
-    expected *= x.size(d);
-  }
-  return x.size(0) == 1 || x.stride(0) == expected;
-}
-
-void check_optional(const c10::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape,
-                    const at::Tensor& x) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->sizes() == shape, "cpp_group_norm_silu: ", name, " must have shape ", shape, ", got ",
-              t->sizes());
-  TORCH_CHECK(t->device() == x.device(), "cpp_group_norm_silu: ", name, " must be on ", x.device());
-}
-
 Problem make_problem(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
-                     int64_t num_groups) {
-  TORCH_CHECK(x.dim() >= 2, "cpp_group_norm_silu: x must have at least 2 dimensions, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "cpp_group_norm_silu: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK(num_groups >= 1 && C % num_groups == 0, "cpp_group_norm_silu: num_groups must be a positive "
-              "divisor of the number of channels ", C, ", got ", num_groups);
-  check_optional(weight, "weight", {C}, x);
-  check_optional(bias, "bias", {C}, x);
-  for (auto [t, name] : {std::pair{&add, "add"}, std::pair{&scale, "scale"}, std::pair{&shift, "shift"}}) {
-    check_optional(*t, name, {B, C}, x);
-  }
-  Problem p;
-  p.B = B;
-  p.C = C;
-  p.G = num_groups;
-  p.CPG = C / num_groups;
-  p.S = 1;
-  for (int64_t d = 2; d < x.dim(); ++d) p.S *= x.size(d);
-  p.nhwc = !x.is_contiguous() && collapses_as_nhwc(x);
+                     int64_t num_groups, const char* op) {
+  Problem p{group_norm_geometry(x, weight, bias, add, scale, shift, num_groups, op)};
+  const int64_t B = p.B, C = p.C;
   p.w = table(weight, C, 1.f);
   p.bias = table(bias, C, 0.f);
   p.add = table(add, B * C, 0.f);
@@ -210,11 +174,6 @@ Problem make_problem(const at::Tensor& x, const c10::optional<at::Tensor>& weigh
   for (float& g : p.gain) g += 1.f;
   p.shift = table(shift, B * C, 0.f);
   return p;
-}
-
-// x in a layout the kernels read in place (NCHW or NHWC as (B, C, S)).
-at::Tensor kernel_layout(const at::Tensor& x) {
-  return (x.is_contiguous() || collapses_as_nhwc(x)) ? x : x.contiguous();
 }
 
 // Group statistics from per-channel (Σd, Σd²): μ = Σd/N (relative to the pivot) and rstd.
@@ -342,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& add, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu) {
-  const Problem p = make_problem(x_in, weight, bias, add, scale, shift, num_groups);
+  const Problem p = make_problem(x_in, weight, bias, add, scale, shift, num_groups, "cpp_group_norm_silu");
   const at::Tensor x = kernel_layout(x_in);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({p.B, p.G}, x.options().dtype(at::kFloat));
@@ -548,23 +507,13 @@ void backward_nhwc(const Problem& p, const T* dy, const T* x, const float* mean,
   });
 }
 
-// The gradient of an optional input in its dtype, or an empty tensor when it is absent.
-at::Tensor input_grad(const at::Tensor& value, const c10::optional<at::Tensor>& t, const at::Tensor& x) {
-  return t.has_value() ? value.to(t->scalar_type()) : at::empty({0}, x.options());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, const at::Tensor& mean_in,
     const at::Tensor& rstd_in, int64_t num_groups, bool silu) {
-  const Problem p = make_problem(x_in, weight, bias, add, scale, shift, num_groups);
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "cpp_group_norm_silu_backward: grad_y must have x's shape ",
-              x_in.sizes(), ", got ", grad_y.sizes());
-  for (const at::Tensor* t : {&mean_in, &rstd_in}) {
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({p.B, p.G}), "cpp_group_norm_silu_backward: mean and rstd must "
-                "have shape (", p.B, ", ", p.G, "), got ", t->sizes());
-  }
+  const Problem p = make_problem(x_in, weight, bias, add, scale, shift, num_groups, "cpp_group_norm_silu_backward");
+  check_backward_inputs(grad_y, x_in, mean_in, rstd_in, p, "cpp_group_norm_silu_backward");
   const at::Tensor x = kernel_layout(x_in);
   at::Tensor dy = grad_y;
   if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type()) {
@@ -572,10 +521,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor mean = mean_in.to(at::kFloat).contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty_like(x);
-  at::Tensor per_channel = at::empty({5, p.B, p.C}, x.options().dtype(at::kFloat));
-  float* base = per_channel.data_ptr<float>();
-  const int64_t BC = p.B * p.C;
-  const ChannelGrads out{base, base + BC, base + 2 * BC, base + 3 * BC, base + 4 * BC};
+  // Separate tensors: the returned gradients must not share storage.
+  auto table_bc = [&] { return at::empty({p.B, p.C}, x.options().dtype(at::kFloat)); };
+  at::Tensor gq = table_bc(), gp = table_bc(), dscale = table_bc(), dshift = table_bc(), dadd = table_bc();
+  const ChannelGrads out{gq.data_ptr<float>(), gp.data_ptr<float>(), dscale.data_ptr<float>(),
+                         dshift.data_ptr<float>(), dadd.data_ptr<float>()};
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     auto run = p.nhwc ? backward_nhwc<scalar_t> : backward_nchw<scalar_t>;
@@ -594,8 +544,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     db.data_ptr<float>()[c] = static_cast<float>(sb);
   }
   if (!x.is_same(x_in)) dx = at::empty_like(x_in).copy_(dx);
-  return {dx, input_grad(dw, weight, x), input_grad(db, bias, x), input_grad(per_channel[4], add, x),
-          input_grad(per_channel[2], scale, x), input_grad(per_channel[3], shift, x)};
+  return {dx, input_grad(dw, weight, x), input_grad(db, bias, x), input_grad(dadd, add, x),
+          input_grad(dscale, scale, x), input_grad(dshift, shift, x)};
 }
 
 }  // namespace

@@ -59,7 +59,7 @@ def x86_64() -> bool:
 
 def compile_flags() -> dict[str, list[str]]:
     """Compiler flags by language ("cxx", "nvcc"); one place for setup.py and the just-in-time build."""
-    cxx = ["-O3", "-Wno-unknown-pragmas"]
+    cxx = ["-O3", "-g0", "-Wno-unknown-pragmas"]
     if x86_64():
         # at::vec picks its implementation from CPU_CAPABILITY_*; the loader refuses CPUs without AVX2 (every
         # AVX2 CPU also has FMA and F16C, which ATen's AVX2 code uses).
