@@ -98,7 +98,7 @@ def _render_faces(factors: Tensor, image_size: int) -> Tensor:
     yaw = (rotation - 0.5) * 2.0  # in [-1, 1]
     head_rx, head_ry, head_cy = 0.50 + 0.22 * shape, 0.74, 0.06
     hx, hy = x / head_rx, (y - head_cy) / head_ry  # head-ellipse coordinates
-    head_r = torch.sqrt(hx * hx + hy * hy)
+    head_r = _length(hx, hy)
     head = coverage((head_r - 1.0) * torch.minimum(head_rx, torch.full_like(head_rx, head_ry)))
 
     # Lambert shading of the head as an ellipsoid lit from azimuth a (0 = the viewer), slightly from above
@@ -110,13 +110,13 @@ def _render_faces(factors: Tensor, image_size: int) -> Tensor:
 
     skin = _hsv_to_rgb(hue * 0.75, 0.45, 0.95)  # (3, B, 1, 1)
     background = torch.tensor([0.20, 0.24, 0.30]).view(3, 1, 1, 1) + 0.12 * (y + 1.0) / 2.0
-    image = background * (1.0 - head) + skin * shade * head
+    image = torch.lerp(background, skin * shade, head)
 
     # hair: the top of the head above a line whose parting follows the yaw
     hairline = head_cy - 0.42 * head_ry + 0.10 * (x - 0.55 * yaw * head_rx).abs()
     hair = head * coverage(y - hairline)
     hair_colour = torch.tensor([0.25, 0.16, 0.10]).view(3, 1, 1, 1) * (0.6 + 0.5 * shade)
-    image = image * (1.0 - hair) + hair_colour * hair
+    image = torch.lerp(image, hair_colour, hair)
 
     # features shift sideways with the yaw; the eye on the far side narrows
     centre = 0.32 * yaw * head_rx
@@ -125,14 +125,13 @@ def _render_faces(factors: Tensor, image_size: int) -> Tensor:
         eye_x = centre + side * 0.40 * head_rx * (1.0 - 0.25 * side * yaw)
         eye_rx = 0.11 * (1.0 - 0.35 * (side * yaw).clamp_min(0.0))
         ex, ey = (x - eye_x) / eye_rx, (y + 0.05) / 0.07
-        eye_white = torch.maximum(eye_white, coverage((torch.sqrt(ex * ex + ey * ey) - 1.0) * 0.07))
+        eye_white = torch.maximum(eye_white, coverage((_length(ex, ey) - 1.0) * 0.07))
         px, py = x - eye_x - 0.04 * yaw, y + 0.05
-        pupil = torch.maximum(pupil, coverage(torch.sqrt(px * px + py * py) - 0.045))
-    image = image * (1.0 - eye_white) + 0.95 * eye_white
-    image = image * (1.0 - pupil) + 0.08 * pupil
+        pupil = torch.maximum(pupil, coverage(_length(px, py) - 0.045))
+    image = torch.lerp(torch.lerp(image, torch.tensor(0.95), eye_white), torch.tensor(0.08), pupil)
 
     nx, ny = x - centre * 1.25, (y - 0.20) / 0.10
-    nose = coverage((torch.sqrt((nx / 0.05) ** 2 + ny * ny) - 1.0) * 0.05) * head
+    nose = coverage((_length(nx / 0.05, ny) - 1.0) * 0.05) * head
     image = image * (1.0 - 0.25 * nose)
 
     # mouth: the parabola y = y0 − c·(x − centre)², c from the smile, stroked 0.035 thick over |x − centre| < w
@@ -141,9 +140,14 @@ def _render_faces(factors: Tensor, image_size: int) -> Tensor:
     curve = 0.45 - curvature * (mx * mx - half_width * half_width / 3.0)
     distance = (y - curve).abs() / torch.sqrt(1.0 + (2.0 * curvature * mx) ** 2)
     beyond = (mx.abs() - half_width).clamp_min(0.0)
-    mouth = coverage(torch.sqrt(distance * distance + beyond * beyond) - 0.035)
-    image = image * (1.0 - mouth) + torch.tensor([0.55, 0.12, 0.15]).view(3, 1, 1, 1) * mouth
+    mouth = coverage(_length(distance, beyond) - 0.035)
+    image = torch.lerp(image, torch.tensor([0.55, 0.12, 0.15]).view(3, 1, 1, 1), mouth)
     return image.clamp(0.0, 1.0).permute(1, 0, 2, 3).contiguous()
+
+
+def _length(a: Tensor, b: Tensor) -> Tensor:
+    """√(a² + b²) (torch.hypot guards against overflow, which these coordinates cannot reach, at 3× the cost)."""
+    return torch.sqrt(a * a + b * b)
 
 
 def _hsv_to_rgb(h: Tensor, s: float, v: float) -> Tensor:
