@@ -235,8 +235,9 @@ class _FusedSchedulerMixin:
                 / float(schedule.sqrt_alphas_cumprod[t]))
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-        """√ᾱ_t·x_0 + √(1−ᾱ_t)·noise with :func:`genfast.q_sample`; ``timesteps`` an integer tensor of one timestep
-        or one per sample (B,). Other timestep shapes and schedules the fused op does not take use diffusers' code."""
+        """√ᾱ_t·x_0 + √(1−ᾱ_t)·noise with :func:`genfast.q_sample`; ``timesteps`` an integer tensor of one
+        timestep or one per sample (B,). Other timestep shapes and schedules the fused op does not take use
+        diffusers' code."""
         schedule = self.genfast_schedule(original_samples.device)
         fusable = (schedule is not None and original_samples.dim() >= 1 and isinstance(noise, Tensor)
                    and noise.shape == original_samples.shape and isinstance(timesteps, Tensor)
