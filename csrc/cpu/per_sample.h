@@ -24,7 +24,7 @@
 
 namespace genfast::cpu {
 
-// Elements of one sample a block covers: a multiple of 4·kLanes (so a block's noise starts on a Philox counter).
+// Elements of one sample a block covers: a multiple of 64 (so a block's noise starts on a Philox counter).
 constexpr int64_t kBlock = 2048;
 // Elements below which a parallel_for chunk is not split further.
 constexpr int64_t kGrainElements = 32768;
@@ -177,7 +177,7 @@ inline void for_each_vec(int64_t n, F&& fn) {
 struct alignas(64) BlockBuffer {
   float data[kBlock];
 };
-static_assert(kBlock % (4 * kLanes) == 0, "a block must hold whole chunks of Philox noise");
+static_assert(kBlock % 64 == 0, "a block must hold whole chunks of Philox noise (philox_normal)");
 
 // The fp32 ε of a block: ``noise`` when given, else the Philox stream of ``key`` (into ``buf``).
 inline const float* block_noise(const Input* noise, const PhiloxKey& key, const Block& blk, float* buf) {
