@@ -3,6 +3,10 @@ reference: every op's forward and backward for fp32/bf16/fp16, contiguous / chan
 odd sizes, given noise and in-kernel Philox noise (the same stream as ``genfast.reference.random``), and the public
 functions under ``genfast.use_backend("cpp")``."""
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -72,6 +76,28 @@ def test_noise_follows_memory_order_of_channels_last():
     z, _ = cpp_vae.reparameterize_kl(x, x, None, SEED, True, False)
     _same_layout(z, x)
     torch.testing.assert_close(z, noise_like(x, SEED), atol=NOISE_ATOL, rtol=0)
+
+
+_AVX2_NOISE_CHECK = textwrap.dedent("""
+    import torch
+    from genfast.cpp import reparameterize
+    from genfast.reference.random import noise_like
+    assert torch.backends.cpu.get_cpu_capability() != "AVX512"
+    seed = torch.tensor([0x7EDCBA9876543210, -0x123456789ABCDEF1])
+    x = torch.zeros(3, 4101)
+    z, _ = reparameterize.reparameterize_kl(x, x, None, seed, True, False)
+    print((z - noise_like(x, seed)).abs().max().item())
+""")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="the CPU runs the AVX2 noise path in every other test")
+def test_avx2_noise_path_is_the_reference_stream():
+    """Where ATen uses AVX-512 the noise runs a 16-lane twin; the at::vec path runs under ATEN_CPU_CAPABILITY."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    result = subprocess.run([sys.executable, "-c", _AVX2_NOISE_CHECK], env=env, capture_output=True, text=True,
+                            check=True)
+    assert float(result.stdout.strip().splitlines()[-1]) <= NOISE_ATOL
 
 
 # ---- VAE -----------------------------------------------------------------------------------------------------
