@@ -1,0 +1,272 @@
+"""The ``genfast`` command: ``train {vae,wgan,ddpm}``, ``compare-beta``, ``sample ddpm``, ``info`` and ``bench``.
+
+Exit codes: 0 done, 1 training stopped on a NaN/inf loss, 2 bad flags or paths (one line on stderr, no traceback),
+130 interrupted (after saving a checkpoint)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+USAGE_ERROR, INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``genfast train vae: error: ...`` and exit code 2."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
+    """Flags every training command takes: data, optimisation, run length, device."""
+    from .data import DATASETS
+    from .training.config import DEFAULT_LR
+
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="faces",
+                      help="faces: built-in synthetic faces with known factors (default); celeba/folder: images "
+                           "under --data-dir; mnist/digits")
+    data.add_argument("--data-dir", help="folder of the dataset's files (celeba, folder, mnist)")
+    data.add_argument("--num-samples", type=_positive(int), help="use this many images (faces: how many to make)")
+    data.add_argument("--image-size", type=int, choices=(28, 32, 64), default=64)
+    data.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading processes (default 0)")
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=_positive(int), default=20)
+    train.add_argument("--max-steps", type=_positive(int), help="stop after this many steps in all")
+    train.add_argument("--batch-size", type=_positive(int), default=128, help="images a step over all processes")
+    train.add_argument("--lr", type=_positive(float), help=f"Adam learning rate (default {DEFAULT_LR[model]:g})")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--latent-dim", type=_positive(int), default=128)
+    train.add_argument("--base-channels", type=_positive(int), help="width of the first layer (model default)")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="folder for the checkpoint, metrics and pictures")
+    run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run.add_argument("--checkpoint-every", type=_positive(int), default=500, help="steps between checkpoints")
+    _add_device(run)
+    run.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+
+
+def _add_device(group) -> None:
+    from ._backend import BACKENDS
+
+    group.add_argument("--backend", choices=BACKENDS, default="auto", help="genfast op implementation")
+    group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+
+
+def _add_vae(p) -> None:
+    p.add_argument("--beta", type=_positive(float), default=1.0, help="loss = recon + beta*KL (default 1)")
+
+
+def _add_wgan(p) -> None:
+    p.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 (default 0.0; the original scripts used 0.5)")
+    p.add_argument("--gp-weight", type=float, default=10.0, help="gradient penalty weight lambda (default 10)")
+    p.add_argument("--n-critic", type=_positive(int), default=5, help="critic steps per generator step (default 5)")
+
+
+def _add_ddpm(p) -> None:
+    p.add_argument("--timesteps", type=_positive(int), default=1000, help="diffusion steps T (default 1000)")
+    p.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    p.add_argument("--channel-mult", type=_positive(int), nargs="+", default=[1, 2, 2, 2])
+    p.add_argument("--num-res-blocks", type=_positive(int), default=2)
+    p.add_argument("--sample-steps", type=_positive(int), default=50, help="DDIM steps for samples.png (default 50)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="genfast", description="Train and sample VAE, WGAN-GP and DDPM models with genfast's "
+                                                  "fused kernels; benchmark them.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model").add_subparsers(dest="model", required=True,
+                                                                             parser_class=_Parser)
+    for model, add, what in (("vae", _add_vae, "convolutional (beta-)VAE"), ("wgan", _add_wgan, "WGAN-GP"),
+                             ("ddpm", _add_ddpm, "DDPM diffusion model")):
+        p = train.add_parser(model, help=f"train a {what}", description=f"Train a {what}.")
+        add(p.add_argument_group(model))
+        _add_common(p, model=model)
+
+    compare = commands.add_parser("compare-beta", help="train one VAE per beta and compare them (report.md)",
+                                  description="Train one VAE per beta into OUT/beta_<b> and measure on held-out "
+                                              "images how reconstruction, KL, active units, interpolation "
+                                              "smoothness and (faces) MIG change with beta.")
+    compare.add_argument("--betas", type=_positive(float), nargs="+", default=[1.0, 4.0])
+    compare.add_argument("--holdout", type=_positive(int), default=512, help="held-out images for the metrics")
+    _add_common(compare, model="vae")
+
+    sample = commands.add_parser("sample", help="sample a trained model").add_subparsers(dest="model", required=True,
+                                                                                        parser_class=_Parser)
+    p = sample.add_parser("ddpm", help="sample a trained DDPM", description="Sample a DDPM checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by genfast train ddpm")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=_positive(int), help="DDIM steps (default 50; ddpm always runs all T)")
+    p.add_argument("--num", type=_positive(int), default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for samples.png")
+    p.add_argument("--quiet", action="store_true")
+    _add_device(p)
+
+    commands.add_parser("info", help="versions, device and which backends are available")
+    commands.add_parser("bench", help="run the benchmarks (genfast bench --help)", add_help=False)
+    return parser
+
+
+def _config(args, model: str, **overrides):
+    from .training import RunConfig
+
+    names = ("dataset", "data_dir", "num_samples", "image_size", "workers", "epochs", "max_steps", "batch_size",
+             "lr", "seed", "latent_dim", "base_channels", "out", "resume", "checkpoint_every", "backend", "device",
+             "quiet", "beta", "beta1", "gp_weight", "n_critic", "timesteps", "schedule", "channel_mult",
+             "num_res_blocks", "sample_steps")
+    fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    fields.update(overrides)
+    return RunConfig(model=model, **fields)
+
+
+def _say(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+def _train(args) -> int:
+    from .training import train
+
+    result = train(_config(args, args.model))
+    if result.world.is_main:
+        _say(args, f"trained {args.model} for {result.step} steps; wrote {result.config.out}")
+    return 0
+
+
+def _compare_beta(args) -> int:
+    from .compare_beta import compare_beta
+
+    report = compare_beta(_config(args, "vae", holdout=args.holdout), args.betas)
+    if report is not None:
+        _say(args, f"wrote {report}")
+    return 0
+
+
+def _sample(args) -> int:
+    import torch
+
+    import genfast
+    from .checkpoint import load_checkpoint
+    from .plots import save_image_grid
+    from .training import RunConfig, UsageError, build_ddpm, sample_ddpm
+    from .training.distributed import World, resolve_device
+    from .training.tasks import grid_columns
+
+    saved = load_checkpoint(args.checkpoint)
+    config = RunConfig(**saved["config"])
+    if config.model != "ddpm":
+        raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not ddpm")
+    device = resolve_device(args.device, World())
+    model = build_ddpm(config, saved["channels"])
+    model.load_state_dict(saved["task"]["modules"]["model"])
+    model.to(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with genfast.use_backend(args.backend), torch.no_grad():
+        images = sample_ddpm(model, args.num, sampler=args.sampler, steps=args.steps,
+                             generator=torch.Generator(device=device).manual_seed(args.seed),
+                             progress=not args.quiet and sys.stderr.isatty())
+    save_image_grid(images, out / "samples.png", nrow=grid_columns(args.num), scale=2)
+    _say(args, f"wrote {out / 'samples.png'} ({args.num} samples, {args.sampler})")
+    return 0
+
+
+def _info(args) -> int:
+    import torch
+
+    import genfast
+    from ._backend import BACKENDS, unavailable_reason
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # not installed, or a broken install
+        triton_version = f"not importable ({type(exc).__name__})"
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    print(f"genfast {genfast.__version__}")
+    print(f"torch   {torch.__version__} (CUDA build {torch.version.cuda or 'none'})")
+    print(f"triton  {triton_version}")
+    print(f"python  {platform.python_version()}")
+    print(f"device  {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA device)'}")
+    print(f"backend {genfast.get_backend()} (selected)")
+    print(f"backends on {device}:")
+    for name in BACKENDS:
+        reason = unavailable_reason(name, device)
+        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    try:
+        from genfast.bench import cli as bench_cli
+    except ImportError as exc:
+        print(f"genfast bench: error: the benchmark suite cannot be imported ({exc})", file=sys.stderr)
+        return USAGE_ERROR
+    parser = _Parser(prog="genfast bench", description="Benchmark genfast's kernels.")
+    bench_cli.add_arguments(parser)
+    return _run(parser, argv, bench_cli.run)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str], command) -> int:
+    """Parse ``argv`` and run ``command(args)``; expected failures print one line and give the exit code."""
+    from .training import Interrupted, NonFiniteLoss, UsageError
+
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    if command is None:
+        command = COMMANDS[args.command]
+    prog = " ".join(filter(None, ("genfast", getattr(args, "command", "bench"), getattr(args, "model", None))))
+    try:
+        return command(args)
+    except (UsageError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except NonFiniteLoss as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+COMMANDS = {"train": _train, "compare-beta": _compare_beta, "sample": _sample, "info": _info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``genfast`` command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    return _run(build_parser(), argv, None)

@@ -1,0 +1,80 @@
+"""What a training run is: the model, the data, the optimisation and how long to run."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+class UsageError(ValueError):
+    """A bad setting or path given by the user (the CLI prints it on one line and exits with code 2)."""
+
+
+MODELS = ("vae", "wgan", "ddpm")
+DEFAULT_LR = {"vae": 1e-3, "wgan": 1e-4, "ddpm": 2e-4}
+
+# Fields a --resume run takes from the command line; every other field comes from the checkpoint.
+RUN_FIELDS = ("out", "epochs", "max_steps", "checkpoint_every", "backend", "device", "quiet", "resume", "workers")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """One training run. ``None`` for ``lr`` / ``base_channels`` means the model's default (lr: vae 1e-3, wgan 1e-4,
+    ddpm 2e-4; base channels: ConvVAE 32, Generator/Critic 64, UNet 64)."""
+
+    model: str
+    out: str
+    # data
+    dataset: str = "faces"
+    data_dir: str | None = None
+    num_samples: int | None = None
+    image_size: int = 64
+    holdout: int = 0  # images held out of training (the last of a seeded permutation), for evaluation
+    workers: int = 0
+    # model
+    latent_dim: int = 128
+    base_channels: int | None = None
+    beta: float = 1.0  # vae: loss = recon + beta·kl
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # ddpm U-Net
+    num_res_blocks: int = 2
+    timesteps: int = 1000
+    schedule: str = "linear"
+    sample_steps: int = 50  # ddpm: DDIM steps for the samples written at the end
+    # optimisation
+    lr: float | None = None
+    beta1: float = 0.0  # wgan Adam betas (beta1, 0.9)
+    gp_weight: float = 10.0
+    n_critic: int = 5
+    batch_size: int = 128
+    seed: int = 0
+    # run length and bookkeeping
+    epochs: int = 20
+    max_steps: int | None = None
+    checkpoint_every: int = 500
+    backend: str = "auto"
+    device: str = "auto"
+    quiet: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        self.channel_mult = tuple(self.channel_mult)
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.model] if self.lr is None else self.lr
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resumed_from(self, saved: dict) -> "RunConfig":
+        """This run's length settings on the saved run's model, data and optimisation settings."""
+        if saved["model"] != self.model:
+            raise ValueError(f"the checkpoint in {self.out} is a {saved['model']} run, not {self.model}")
+        fields = {name: value for name, value in saved.items() if name not in RUN_FIELDS}
+        fields.update({name: getattr(self, name) for name in RUN_FIELDS})
+        return RunConfig(**fields)

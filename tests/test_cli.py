@@ -1,0 +1,111 @@
+"""The genfast command: each subcommand's files, and one-line errors with exit code 2 for bad flags and paths."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from genfast._backend import BACKENDS
+from genfast.cli import main
+from genfast.training import read_metrics
+
+DATA = ["--num-samples", "40", "--image-size", "32", "--batch-size", "8", "--backend", "reference",
+        "--device", "cpu", "--quiet"]
+VAE = ["--latent-dim", "4", "--base-channels", "8"]
+
+
+def _png(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_train_vae_writes_its_files(tmp_path):
+    assert main(["train", "vae", *DATA, *VAE, "--max-steps", "2", "--out", str(tmp_path)]) == 0
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert list(rows[0]) == ["step", "epoch", "loss", "recon", "kl", "images_per_s"]
+    assert [row["step"] for row in rows] == [1, 2]
+    # 32×32 images at scale 2 with 2-pixel padding: 8 columns of inputs over reconstructions, 4×4 samples,
+    # 4 rows of 8 interpolation steps
+    assert _png(tmp_path / "reconstructions.png")[1] == 2 * (64 + 2) + 2
+    assert _png(tmp_path / "samples.png") == (4 * 66 + 2, 4 * 66 + 2)
+    assert _png(tmp_path / "interpolation.png") == (8 * 66 + 2, 4 * 66 + 2)
+    _png(tmp_path / "loss.png")
+    assert (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_train_wgan_writes_its_files(tmp_path):
+    assert main(["train", "wgan", *DATA, "--latent-dim", "8", "--base-channels", "8", "--n-critic", "2",
+                 "--max-steps", "4", "--out", str(tmp_path)]) == 0
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert list(rows[0]) == ["step", "epoch", "critic_loss", "penalty", "wasserstein", "generator_loss",
+                             "images_per_s"]
+    # the generator is updated every --n-critic steps
+    assert [row["generator_loss"] is not None for row in rows] == [False, True, False, True]
+    assert all(row["penalty"] >= 0 for row in rows)
+    assert _png(tmp_path / "samples.png") == (8 * 66 + 2, 8 * 66 + 2)
+    _png(tmp_path / "loss.png")
+
+
+def test_train_ddpm_and_sample(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "ddpm", *DATA, "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks",
+                 "1", "--timesteps", "20", "--sample-steps", "3", "--max-steps", "2", "--out", str(run)]) == 0
+    assert [row["step"] for row in read_metrics(run / "metrics.csv")] == [1, 2]
+    assert _png(run / "samples.png") == (4 * 66 + 2, 4 * 66 + 2)
+    _png(run / "loss.png")
+    for sampler, steps in (("ddim", "4"), ("ddpm", "20")):
+        out = tmp_path / sampler
+        assert main(["sample", "ddpm", "--checkpoint", str(run / "checkpoint.pt"), "--sampler", sampler,
+                     "--steps", steps, "--num", "3", "--out", str(out), "--backend", "reference", "--device", "cpu",
+                     "--quiet"]) == 0
+        assert _png(out / "samples.png") == (2 * 66 + 2, 2 * 66 + 2)
+
+
+def test_compare_beta_writes_the_report(tmp_path):
+    assert main(["compare-beta", "--betas", "1", "4", *DATA, *VAE, "--holdout", "16", "--max-steps", "2",
+                 "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    for beta in ("1", "4"):
+        assert (tmp_path / f"beta_{beta}" / "samples.png").is_file()
+        assert f"| {beta} | " in report
+    assert "β=4 has " in report and "the held-out reconstruction loss of β=1" in report
+    assert "MIG" in report  # faces know their factors
+    for name in ("reconstructions_by_beta.png", "interpolation_by_beta.png", "samples_by_beta.png"):
+        _png(tmp_path / name)
+
+
+def test_info_lists_every_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("genfast", "torch", "triton", "python", "device"):
+        assert word in out
+    for name in BACKENDS:
+        assert f"  {name} " in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "vae", "--out", "x", "--max-steps", "0"], "--max-steps: expected a positive int"),
+    (["train", "vae", "--out", "x", "--dataset", "imagenet"], "--dataset: invalid choice"),
+    (["train", "vae", "--max-steps", "1"], "the following arguments are required: --out"),
+    (["train", "gan", "--out", "x"], "invalid choice"),
+    (["train", "vae", "--out", "x", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["train", "vae", "--out", "x", "--dataset", "folder", "--data-dir", "/no/such/folder"], "/no/such/folder"),
+    (["train", "vae", "--out", "{tmp}/empty", "--resume"], "--resume: no checkpoint at"),
+    (["sample", "ddpm", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "no checkpoint at"),
+    (["compare-beta", "--betas", "1", "--out", "x"], "--betas needs at least two different values"),
+])
+def test_bad_flags_and_paths_give_one_line_and_exit_code_2(argv, expected, tmp_path, capsys):
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("genfast ") and expected in err, err
+
+
+def test_console_script_runs():
+    script = Path(sys.executable).parent / "genfast"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("train", "compare-beta", "sample", "info", "bench"):
+        assert command in result.stdout
