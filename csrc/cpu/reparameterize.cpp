@@ -50,23 +50,23 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu_in, co
     BlockBuffer mu_buf, logvar_buf, eps_buf, z_buf;
     const float* m = mu.block(blk.offset, blk.n, mu_buf.data);
     const float* lv = logvar.block(blk.offset, blk.n, logvar_buf.data);
-    if (want_z) {
-      const float* eps = block_noise(noise ? &*noise : nullptr, args.key, blk, eps_buf.data);
-      float* zb = out.buffer(blk.offset, z_buf.data);
-      for_each_vec(blk.n, [&](int64_t i, int64_t count) {
-        const Vec sigma = (Vec::loadu(lv + i, count) * half).exp();
-        (Vec::loadu(m + i, count) + sigma * Vec::loadu(eps + i, count)).store(zb + i, count);
-      });
-      out.commit(blk.offset, blk.n, zb);
-    }
-    if (want_kl) {
-      Vec acc(0.0f);
-      for_each_vec(blk.n, [&](int64_t i, int64_t count) {
-        const Vec mv = Vec::loadu(m + i, count), lvv = Vec::loadu(lv + i, count);
-        acc = acc + Vec::set(Vec(0.0f), mv * mv + lvv.exp() - one - lvv, count);
-      });
-      partials[blk.sample * d.blocks() + blk.index] = reduce_sum(acc);
-    }
+    const float* eps = want_z ? block_noise(noise ? &*noise : nullptr, args.key, blk, eps_buf.data) : nullptr;
+    float* zb = want_z ? out.buffer(blk.offset, z_buf.data) : nullptr;
+    Vec acc(0.0f);
+    for_each_vec(blk.n, [&](int64_t i, int64_t count) {
+      const Vec mv = Vec::loadu(m + i, count), lvv = Vec::loadu(lv + i, count);
+      Vec sigma;
+      if (want_z) {
+        sigma = (lvv * half).exp();
+        (mv + sigma * Vec::loadu(eps + i, count)).store(zb + i, count);
+      }
+      if (want_kl) {
+        const Vec variance = want_z ? sigma * sigma : lvv.exp();  // e^logvar, one exp a pass
+        acc = acc + Vec::set(Vec(0.0f), mv * mv + variance - one - lvv, count);
+      }
+    });
+    if (want_z) out.commit(blk.offset, blk.n, zb);
+    if (want_kl) partials[blk.sample * d.blocks() + blk.index] = reduce_sum(acc);
   });
   at::Tensor kl = mu_in.new_empty({want_kl ? d.batch : 0}, at::kFloat);
   if (want_kl) {
@@ -102,15 +102,17 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
     float* glv = logvar_out.buffer(blk.offset, glv_buf.data);
     for_each_vec(blk.n, [&](int64_t i, int64_t count) {
       const Vec lvv = Vec::loadu(lv + i, count);
-      Vec dmu(0.0f), dlv(0.0f);
+      Vec dmu(0.0f), dlv(0.0f), sigma;
       if (has_dz) {
         const Vec dzv = Vec::loadu(dz + i, count);
+        sigma = (lvv * half).exp();
         dmu = dzv;
-        dlv = dzv * Vec::loadu(eps + i, count) * (half * (lvv * half).exp());
+        dlv = dzv * Vec::loadu(eps + i, count) * (half * sigma);
       }
       if (has_dkl) {
+        const Vec variance = has_dz ? sigma * sigma : lvv.exp();  // e^logvar, one exp a pass
         dmu = dmu + dkl_b * Vec::loadu(m + i, count);
-        dlv = dlv + dkl_b * (half * (lvv.exp() - one));
+        dlv = dlv + dkl_b * (half * (variance - one));
       }
       dmu.store(gmu + i, count);
       dlv.store(glv + i, count);
