@@ -36,7 +36,8 @@ MIN_CPU_RUNS = 3
 
 
 def time_call(fn: Callable[[], object], device: torch.device, *, threads: int, min_run_time: float) -> Timing:
-    """Times ``fn()`` on ``device``: do_bench on CUDA (``min_run_time`` seconds of repetitions); on the CPU
+    """Times ``fn()`` on ``device``, which the caller has called once already (the warm-up: first-call allocations,
+    lazy initialisation, compilation): do_bench on CUDA (``min_run_time`` seconds of repetitions); on the CPU
     blocked_autorange with ``threads`` threads for ``min_run_time`` seconds, topped up to MIN_CPU_RUNS single
     calls when a call is slower than that."""
     if device.type == "cuda":
@@ -45,7 +46,6 @@ def time_call(fn: Callable[[], object], device: torch.device, *, threads: int, m
         q25, q50, q75 = triton.testing.do_bench(fn, warmup=25, rep=max(1, int(min_run_time * 1000)),
                                                 quantiles=[0.25, 0.5, 0.75])
         return Timing(median=q50 / 1e3, iqr=(q75 - q25) / 1e3, runs=max(1, int(min_run_time * 1000 / q50)))
-    fn()  # warm-up: first-call allocations and lazy initialisation stay out of the timing
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     times = list(timer.blocked_autorange(min_run_time=min_run_time).times)
     while len(times) < MIN_CPU_RUNS:  # a call slower than the budget: a median of a few, not one sample
@@ -113,6 +113,7 @@ def copy_bandwidth(device: torch.device, *, nbytes: int, threads: int, min_run_t
     numel = max(1, nbytes // 4)
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: the first touch of dst's pages
     timing = time_call(lambda: dst.copy_(src), device, threads=threads, min_run_time=min_run_time)
     return 2 * numel * 4 / timing.median
 

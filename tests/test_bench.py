@@ -22,6 +22,7 @@ def test_backends_skip_auto_and_the_cpu_interpreter():
     timed, skipped = runner.genfast_backends(torch.device("cpu"))
     assert "reference" in timed and "auto" not in timed and "triton" not in timed
     assert {"auto", "triton"} <= set(skipped)
+    assert cli.quick_backends(["reference", "cpp"]) == ["cpp"] and cli.quick_backends(["reference"]) == ["reference"]
 
 
 def test_cpu_peak_memory_sees_the_call_allocations():
