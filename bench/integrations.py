@@ -130,10 +130,12 @@ def _measure(config: Config, impl: str, backend: Optional[str], device: torch.de
 
 
 def run(*, device: str | torch.device = "cpu", backends: tuple[str, ...] = ("auto",), quick: bool = False,
-        compile: bool = True, threads: int = 2, repeats: int = 1, min_run_time: float = 1.0) -> list[dict]:
+        compile: bool = True, threads: int = 2, repeats: int = 1, min_run_time: float = 1.0,
+        on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Time every config of ``QUICK`` (``quick``) or ``FULL`` for eager, compile (when ``compile``) and each usable
     genfast backend in ``backends`` (patched, eager and compiled), ``repeats`` times; returns one dict per timing
-    with ``speedup`` = eager median / this median of the same repeat."""
+    with ``speedup`` = eager median / this median of the same repeat. ``on_row(row)`` is called as each row is
+    measured (before its speedup is known)."""
     device = torch.device(device)
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -156,8 +158,12 @@ def run(*, device: str | torch.device = "cpu", backends: tuple[str, ...] = ("aut
     try:
         for repeat in range(repeats):
             for config in (QUICK if quick else FULL):
-                group = [dict(_measure(config, impl, backend, device, threads=threads, min_run_time=min_run_time),
-                              repeat=repeat) for impl, backend in impls]
+                group = []
+                for impl, backend in impls:
+                    group.append(dict(_measure(config, impl, backend, device, threads=threads,
+                                               min_run_time=min_run_time), repeat=repeat))
+                    if on_row is not None:
+                        on_row(group[-1])
                 eager = group[0]["median_s"]
                 for row in group:
                     row["speedup"] = eager / row["median_s"] if eager and row["median_s"] else None
@@ -190,7 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = run(device=args.device, backends=tuple(args.backends), quick=args.quick, compile=not args.no_compile,
-               threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time)
+               threads=args.threads, repeats=args.repeats, min_run_time=args.min_run_time,
+               on_row=lambda row: print(f"measured {row}", file=sys.stderr, flush=True))
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
