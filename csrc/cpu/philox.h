@@ -4,9 +4,10 @@
 // offset_lo, offset_hi)) with offset = seed[1], turned into normals by Box-Muller on pairs of 24-bit uniforms:
 // u = ((x0 >> 8) + 1)·2⁻²⁴ ∈ (0, 1], v = (x1 >> 8)·2⁻²⁴ − ½, r = √(−2 ln u), θ = 2πv, (n0, n1) = (r cos θ,
 // r sin θ), and (x2, x3) → (n2, n3) likewise. kLanes counters run at once in GCC/Clang vector types (compiled to
-// the widest SIMD the build enables); log, sqrt, sin and cos are at::vec's (SLEEF, 1 ulp). On a CPU with AVX-512
-// (as ATen detects it: ATEN_CPU_CAPABILITY can lower it) a 16-lane twin written with intrinsics runs instead,
-// about twice as fast, with the same SLEEF functions at 16 lanes; the extension itself is built for AVX2.
+// the widest SIMD the build enables); log and sqrt are at::vec's (SLEEF, 1 ulp), sin and cos polynomials of the
+// exact turn fraction v (sincos_2pi). On a CPU with AVX-512 (as ATen detects it: ATEN_CPU_CAPABILITY can lower
+// it) a 16-lane twin written with intrinsics runs instead, about twice as fast, with SLEEF's log at 16 lanes; the
+// extension itself is built for AVX2.
 #pragma once
 
 #include <ATen/Version.h>
@@ -14,6 +15,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <limits>
 
 #include <string>
 
@@ -27,8 +29,6 @@
 #pragma GCC target("avx512f,avx512dq")
 extern "C" {
 __m512 Sleef_logf16_u10(__m512);
-__m512 Sleef_sinf16_u10(__m512);
-__m512 Sleef_cosf16_u10(__m512);
 }
 #pragma GCC pop_options
 #endif
@@ -105,15 +105,38 @@ inline Vec to_vec(F32xL v) {
   return Vec::loadu(&v);
 }
 
+// (sin 2πv, cos 2πv) for v ∈ [−½, ½] on GCC vector types (F floats, I int32 of as many lanes): q = round(4v)
+// quarter turns, x = 2π(v − q/4) ∈ [−π/4, π/4] (v − q/4 exact), Taylor polynomials to x⁹ and x¹⁰ (truncation
+// < 4e-9), rotated by q. Absolute error ~1e-7: the reference's sin/cos of θ = fp32(2π·v) differ by as much.
+template <typename F, typename I>
+inline void sincos_2pi(F v, F& sin_out, F& cos_out) {
+  const F round_magic = F{} + 12582912.0f;  // 1.5·2²³: adding and subtracting it rounds to an integer
+  const F q = (v * 4.0f + round_magic) - round_magic;
+  const F x = (v - q * 0.25f) * static_cast<float>(6.283185307179586);
+  const F x2 = x * x;
+  const F sin_x = x + x * x2 * (-1.0f / 6 + x2 * (1.0f / 120 + x2 * (-1.0f / 5040 + x2 * (1.0f / 362880))));
+  const F cos_x = 1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 + x2 * (-1.0f / 3628800)))));
+  const I quarter = __builtin_convertvector(q, I);
+  const I sign_bit = I{} + std::numeric_limits<int32_t>::min();
+  const I swap = (quarter & 1) != 0;  // all ones where q is odd: sin ↔ cos
+  const I sin_sign = ((quarter & 2) != 0) & sign_bit, cos_sign = (((quarter + 1) & 2) != 0) & sign_bit;
+  const I s = reinterpret_cast<const I&>(sin_x), c = reinterpret_cast<const I&>(cos_x);
+  const I sin_bits = ((s & ~swap) | (c & swap)) ^ sin_sign;
+  const I cos_bits = ((c & ~swap) | (s & swap)) ^ cos_sign;
+  sin_out = reinterpret_cast<const F&>(sin_bits);
+  cos_out = reinterpret_cast<const F&>(cos_bits);
+}
+
 // (r cos θ, r sin θ) of the Box-Muller transform of the words (x_u, x_v).
 inline void box_muller(U32xL x_u, U32xL x_v, Vec& n_cos, Vec& n_sin) {
   constexpr float two_pow_m24 = 5.9604644775390625e-08f;
   const Vec u = to_vec(__builtin_convertvector(I32xL((x_u >> 8) + 1u), F32xL) * two_pow_m24);
-  const Vec v = to_vec(__builtin_convertvector(I32xL(x_v >> 8), F32xL) * two_pow_m24 - 0.5f);
+  const F32xL v = __builtin_convertvector(I32xL(x_v >> 8), F32xL) * two_pow_m24 - 0.5f;
   const Vec r = (u.log() * Vec(-2.0f)).sqrt();
-  const Vec theta = v * Vec(static_cast<float>(6.283185307179586));
-  n_cos = r * theta.cos();
-  n_sin = r * theta.sin();
+  F32xL sin_theta, cos_theta;
+  sincos_2pi<F32xL, I32xL>(v, sin_theta, cos_theta);
+  n_cos = r * to_vec(cos_theta);
+  n_sin = r * to_vec(sin_theta);
 }
 
 // Stores the normals of kLanes counters in memory order: out[4k + i] = n_i[k], for 4·kLanes floats.
@@ -148,6 +171,8 @@ inline void philox_normal_vec(const PhiloxKey& key, int64_t sample, int64_t col,
 
 #if GENFAST_NOISE_AVX512
 #define GENFAST_AVX512 __attribute__((target("avx512f,avx512dq")))
+typedef float F32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
 
 GENFAST_AVX512 inline void mul_hi_lo_avx512(uint32_t a, __m512i b, __m512i& hi, __m512i& lo) {
   const __m512i m = _mm512_set1_epi32(int(a));
@@ -163,10 +188,10 @@ GENFAST_AVX512 inline void box_muller_avx512(__m512i x_u, __m512i x_v, __m512& n
   const __m512 v = _mm512_sub_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x_v, 8)), two_pow_m24),
                                  _mm512_set1_ps(0.5f));
   const __m512 r = _mm512_sqrt_ps(_mm512_mul_ps(Sleef_logf16_u10(u), _mm512_set1_ps(-2.0f)));
-  const __m512 theta = _mm512_mul_ps(v, _mm512_set1_ps(static_cast<float>(6.283185307179586)));
-  // (SLEEF's 16-lane sincos is ~30× slower than its sin and cos together)
-  n_cos = _mm512_mul_ps(r, Sleef_cosf16_u10(theta));
-  n_sin = _mm512_mul_ps(r, Sleef_sinf16_u10(theta));
+  F32x16 sin_theta, cos_theta;
+  sincos_2pi<F32x16, I32x16>((F32x16)v, sin_theta, cos_theta);
+  n_cos = _mm512_mul_ps(r, (__m512)cos_theta);
+  n_sin = _mm512_mul_ps(r, (__m512)sin_theta);
 }
 
 // philox_normal (below) at 16 lanes with AVX-512 intrinsics: 64 normals a step.
