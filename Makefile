@@ -9,9 +9,12 @@ STAMP  := $(VENV)/.genfast-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# pip's isolated build cannot import torch, so `pip install -e .` leaves out the C++ extension; the second install
+# builds it against the venv's torch (without it, the first use compiles it just-in-time).
 $(STAMP): $(PY) setup.py
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
+	MAX_JOBS=2 $(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)

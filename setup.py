@@ -16,6 +16,7 @@ def _extension_build():
     """(ext_modules, cmdclass) for the C++ extension genfast._C, or none when torch is not importable here (pip's
     isolated build of a fresh clone): the first use then compiles the same sources just-in-time (genfast.cpp)."""
     try:
+        import torch
         from torch.utils import cpp_extension
     except ImportError:
         print("genfast: torch is not importable at build time; the C++ kernels will be compiled on first use")
@@ -32,7 +33,11 @@ def _extension_build():
     # Paths relative to setup.py: setuptools refuses absolute source paths.
     srcs = [os.path.relpath(p, ROOT) for p in build.sources(ROOT, cuda=skip is None)]
     if skip is None:
-        ext = cpp_extension.CUDAExtension("genfast._C", srcs, extra_compile_args=flags)
+        # With no GPU to detect, compile for Ampere and Hopper (plus PTX for later GPUs) unless told otherwise.
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        ext = cpp_extension.CUDAExtension("genfast._C", srcs, extra_compile_args=flags,
+                                          library_dirs=[str(build.cuda_library_dir())])
     else:
         ext = cpp_extension.CppExtension("genfast._C", srcs, extra_compile_args={"cxx": flags["cxx"]})
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -187,3 +187,18 @@ def test_without_compiler_auto_falls_back_with_a_reason():
     reason, chosen = proc.stdout.strip().splitlines()
     assert "not built and no C++ compiler (/nonexistent/c++) is available" in reason
     assert chosen == "reference"
+
+
+def test_just_in_time_build_when_the_extension_is_not_built():
+    """Without genfast._C the first use compiles csrc/ with torch.utils.cpp_extension.load (cached by torch: only
+    the first run of a source version compiles) and the ops run on it."""
+    code = HIDE_BUILT + ("import torch, genfast\n"
+                         "x = torch.randn(2, 8, 5, 5)\n"
+                         "with genfast.use_backend('cpp'):\n"
+                         "    y = genfast.group_norm_silu(x, 4)\n"
+                         "with genfast.use_backend('reference'):\n"
+                         "    torch.testing.assert_close(y, genfast.group_norm_silu(x, 4))\n"
+                         "print(genfast.cpp._load())\n")
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(f"{genfast.cpp.JIT_NAME}.so")

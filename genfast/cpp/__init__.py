@@ -50,7 +50,7 @@ import torch
 EXTENSION = "genfast._C"  # built by setup.py
 JIT_NAME = "genfast_cpp"  # the just-in-time build in torch's extension cache
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository root in a source checkout
-JIT_SECONDS = 60  # about how long the just-in-time build of the CPU sources takes on 2 cores
+JIT_SECONDS = 60  # about how long the just-in-time build of the CPU sources takes on 2 idle cores
 
 
 def x86_64() -> bool:
@@ -84,6 +84,19 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def cuda_library_dir() -> Path | None:
+    """The toolkit's lib64 holding libcudart.so: under CUDA_HOME as torch finds it (from an nvcc on the PATH,
+    /usr/local/bin/nvcc gives /usr/local), else under the real path of nvcc, else /usr/local/cuda; None if none."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = _nvcc()
+    roots = [CUDA_HOME, Path(nvcc).resolve().parents[1] if nvcc else None, "/usr/local/cuda"]
+    for root in roots:
+        if root is not None and (Path(root) / "lib64" / "libcudart.so").exists():
+            return Path(root) / "lib64"
+    return None
+
+
 def cuda_skip_reason() -> str | None:
     """None when the CUDA sources can be compiled for this torch, else why not (one sentence)."""
     if os.environ.get("GENFAST_BUILD_CUDA", "1") == "0":
@@ -100,6 +113,8 @@ def cuda_skip_reason() -> str | None:
     if found.group(1) != torch.version.cuda.split(".")[0]:
         return (f"nvcc {found.group(1)}.{found.group(2)} does not match the CUDA major version "
                 f"{torch.version.cuda} of torch")
+    if cuda_library_dir() is None:
+        return "the CUDA runtime library (lib64/libcudart.so) was not found next to nvcc or in /usr/local/cuda"
     return None
 
 
@@ -125,12 +140,17 @@ def _jit_build() -> str:
                            "just-in-time) is not installed")
     cuda = torch.cuda.is_available() and cuda_skip_reason() is None
     flags = compile_flags()
-    print(f"genfast: compiling the C++ {'CPU and CUDA' if cuda else 'CPU'} kernels (once, ~{JIT_SECONDS} s)…",
-          file=sys.stderr, flush=True)
+    cached = Path(cpp_extension.get_default_build_root()) / JIT_NAME / f"{JIT_NAME}.so"
+    announce = not cached.exists() or _stale(cached, SOURCE_ROOT)
+    if announce:
+        print(f"genfast: compiling the C++ {'CPU and CUDA' if cuda else 'CPU'} kernels (once, ~{JIT_SECONDS} s)…",
+              file=sys.stderr, flush=True)
     start = time.perf_counter()
     path = cpp_extension.load(name=JIT_NAME, sources=sources(cuda=cuda), extra_cflags=flags["cxx"],
-                              extra_cuda_cflags=flags["nvcc"], is_python_module=False, verbose=False)
-    print(f"genfast: C++ kernels ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+                              extra_cuda_cflags=flags["nvcc"], is_python_module=False, verbose=False,
+                              extra_ldflags=[f"-L{cuda_library_dir()}"] if cuda else None)
+    if announce:
+        print(f"genfast: C++ kernels ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return str(path)  # with is_python_module=False, load() loads the library and returns its path
 
 
