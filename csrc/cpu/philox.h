@@ -16,7 +16,6 @@
 
 #include <cstdint>
 #include <limits>
-
 #include <string>
 
 #if defined(__x86_64__)
