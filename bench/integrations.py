@@ -9,7 +9,7 @@ Implementations: ``eager`` (unpatched), ``compile`` (``torch.compile`` of the un
 ``genfast-<backend>`` (patched, on that genfast backend) and ``genfast-<backend>+compile``. Each row says which
 backend actually ran the fused ops (``"auto"`` resolves per device: C++ kernels on the CPU when built, else the
 PyTorch reference; Triton on CUDA). CPU timing: ``torch.utils.benchmark.Timer.blocked_autorange`` with a fixed
-thread count, median over its blocks, after one warm-up call (which also compiles); CUDA: the same timer after
+thread count, median over its blocks, after two warm-up calls (the first compiles); CUDA: the same timer after
 ``torch.cuda.synchronize`` in the statement.
 
 Standalone: ``python -m genfast.bench.integrations [--quick] [--repeats N] [--threads 2] [--no-compile]``, or
@@ -31,6 +31,7 @@ import genfast
 from genfast._backend import resolve_backend, unavailable_reason
 
 EAGER, COMPILE = "eager", "compile"
+WARMUP_CALLS = 2
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def _net(model, kind: str):
 
 
 def _time(fn: Callable[[], object], device: torch.device, threads: int, min_run_time: float) -> dict:
-    fn()  # warm-up: compiles under torch.compile, first-call allocations
+    for _ in range(WARMUP_CALLS):  # compiles under torch.compile; first-call allocations and thread-pool start-up
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         stmt = "fn(); torch.cuda.synchronize()"
