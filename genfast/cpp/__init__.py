@@ -140,8 +140,10 @@ def _jit_build() -> str:
                            "just-in-time) is not installed")
     cuda = torch.cuda.is_available() and cuda_skip_reason() is None
     flags = compile_flags()
-    cached = Path(cpp_extension.get_default_build_root()) / JIT_NAME / f"{JIT_NAME}.so"
-    announce = not cached.exists() or _stale(cached, SOURCE_ROOT)
+    # torch names the library genfast_cpp.so, then genfast_cpp_v1.so, ... as the sources change.
+    build_dir = Path(cpp_extension._get_build_directory(JIT_NAME, verbose=False))  # where load() builds
+    cached = sorted(build_dir.glob(f"{JIT_NAME}*.so"), key=lambda p: p.stat().st_mtime)
+    announce = not cached or _stale(cached[-1], SOURCE_ROOT)
     if announce:
         print(f"genfast: compiling the C++ {'CPU and CUDA' if cuda else 'CPU'} kernels (once, ~{JIT_SECONDS} s)…",
               file=sys.stderr, flush=True)
