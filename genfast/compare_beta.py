@@ -67,8 +67,9 @@ def findings(metrics: dict[float, dict], factor_names: tuple[str, ...]) -> list[
     for beta in betas[1:]:
         m, b = metrics[beta], beta_name(beta)
         lines.append(f"- Reconstruction: β={b} has {_ratio(m['recon'], m0['recon'])} the held-out reconstruction "
-                     f"loss of β={b0} ({m['recon']:.1f} vs {m0['recon']:.1f} nats per image; pixel MSE of the "
-                     f"decoded mean {m['mse']:.4f} vs {m0['mse']:.4f}).")
+                     f"loss of β={b0} ({m['recon']:.1f} vs {m0['recon']:.1f} nats per image) and "
+                     f"{_ratio(m['mse'], m0['mse'])} its pixel MSE of the decoded mean ({m['mse']:.4f} vs "
+                     f"{m0['mse']:.4f}).")
         lines.append(f"- KL: β={b} has {_ratio(m['kl'], m0['kl'])} the KL of β={b0} "
                      f"({m['kl']:.1f} vs {m0['kl']:.1f} nats per image).")
         lines.append(f"- Active units: β={b} uses {m['active_units']} of {m['latent_dim']} latent dimensions, "

@@ -51,11 +51,11 @@ def test_train_wgan_writes_its_files(tmp_path):
 def test_train_ddpm_and_sample(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "ddpm", *DATA, "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks",
-                 "1", "--timesteps", "20", "--sample-steps", "3", "--max-steps", "2", "--out", str(run)]) == 0
+                 "1", "--timesteps", "10", "--sample-steps", "2", "--max-steps", "2", "--out", str(run)]) == 0
     assert [row["step"] for row in read_metrics(run / "metrics.csv")] == [1, 2]
     assert _png(run / "samples.png") == (4 * 66 + 2, 4 * 66 + 2)
     _png(run / "loss.png")
-    for sampler, steps in (("ddim", "4"), ("ddpm", "20")):
+    for sampler, steps in (("ddim", "3"), ("ddpm", "10")):
         out = tmp_path / sampler
         assert main(["sample", "ddpm", "--checkpoint", str(run / "checkpoint.pt"), "--sampler", sampler,
                      "--steps", steps, "--num", "3", "--out", str(out), "--backend", "reference", "--device", "cpu",
