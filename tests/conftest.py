@@ -11,6 +11,11 @@ import genfast  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
+# `make test` runs two xdist workers on a 2-core machine: one intra-op thread each keeps them from oversubscribing
+# the cores (two threads per worker spin-wait and ran the model tests ~5x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
