@@ -31,4 +31,4 @@ clean:
 .PHONY: demo
 demo: $(STAMP)
 	$(PY) -m genfast compare-beta --betas 1 4 --dataset faces --num-samples 10000 --holdout 512 --image-size 64 \
-		--latent-dim 32 --batch-size 64 --epochs 6 --out runs/demo
+		--latent-dim 32 --batch-size 64 --epochs 15 --out runs/demo
