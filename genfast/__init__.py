@@ -10,8 +10,8 @@ from .ops.diffusion import NoiseSchedule, ddim_step, ddpm_step, diffusion_loss, 
 from .ops.gradient_penalty import gradient_penalty
 from .ops.group_norm import group_norm_silu
 from . import nn  # genfast.nn: the nn.Module wrappers
-# genfast.patch is the function from here on; the module stays importable as `from genfast.patch import ...`
-from .patch import patch, unpatch
+# The module is genfast.patching (not genfast.patch, which is the function).
+from .patching import patch, unpatch
 
 __version__ = "0.1.0"
 

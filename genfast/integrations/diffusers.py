@@ -36,7 +36,7 @@ except ImportError as exc:  # not installed, or an install without these classes
 from ..ops.diffusion import ddim_step, ddpm_step, q_sample
 from ..ops.group_norm import group_norm_silu
 from ..ops.vae import reparameterize
-from ..patch import fusable_pair, fuse_pair, unfuse_pair
+from ..patching import fusable_pair, fuse_pair, unfuse_pair
 from ..schedule import NoiseSchedule
 
 __all__ = [
