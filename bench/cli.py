@@ -59,7 +59,7 @@ def quick_backends(backends: list[str]) -> list[str]:
     return fast or backends
 
 
-def _op_tasks(args, backends: list[str]) -> list[tuple]:
+def _op_tasks(args, backends: list[str], device: torch.device) -> list[tuple]:
     if args.quick:
         backends = quick_backends(backends)
     cases = ops.quick_cases() if args.quick else ops.full_cases()
@@ -69,14 +69,17 @@ def _op_tasks(args, backends: list[str]) -> list[tuple]:
     for case in cases:
         compile_here = not args.no_compile and (not args.quick or case in ops.QUICK_COMPILE_CASES)
         impls = [runner.EAGER] + ([runner.COMPILE] if compile_here else [])
-        impls += [runner.genfast_impl(b) for b in backends]
+        kernels = ops.OPS[case.op].kernels
+        impls += [runner.genfast_impl(b) for b in backends if runner.runs_op(b, kernels, device)]
         tasks += [("op", case, impl) for impl in impls]
     return tasks
 
 
-def _e2e_tasks(args, backends: list[str]) -> list[tuple]:
+def _e2e_tasks(args, backends: list[str], device: torch.device) -> list[tuple]:
     if args.no_e2e:
         return []
+    # a training step calls every kind of op: only backends that run them all on the device
+    backends = [b for b in backends if all(runner.runs_op(b, op.kernels, device) for op in ops.OPS.values())]
     sizes = e2e.QUICK_SIZES if args.quick else e2e.FULL_SIZES
     impls = e2e.e2e_impls(backends, compile_too=not (args.no_compile or args.quick))
     return [("e2e", (name, size), impl) for name, size in sizes.items() for impl in impls]
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     peak = copy_bandwidth(device, nbytes=copy_bytes, **timing)
     print(f"copy bandwidth (dst.copy_(src), {copy_bytes >> 20} MiB, counted 2x): {peak / 1e9:.2f} GB/s")
 
-    tasks = _op_tasks(args, backends) + _e2e_tasks(args, backends)
+    tasks = _op_tasks(args, backends, device) + _e2e_tasks(args, backends, device)
     rows = []
     for kind, what, impl in tqdm(tasks, desc="genfast bench", unit="row", file=sys.stderr):
         if kind == "op":

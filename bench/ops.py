@@ -58,6 +58,7 @@ class OpBench:
     grad_names: tuple
     forward_bytes: Callable[[Case], int]
     backward_bytes: Callable[[Case], int]
+    kernels: str  # the kernel module (kernels/<name>.py, genfast/cpp/<name>.py) that runs it
 
 
 def minimal_bytes(op: OpBench, case: Case) -> int:
@@ -106,6 +107,7 @@ def _vae_eager(inp):
 
 
 REPARAMETERIZE_KL = OpBench(
+    kernels="reparameterize",
     name="reparameterize_kl",
     inputs=_vae_inputs,
     eager=_vae_eager,
@@ -139,6 +141,7 @@ def _diffusion_genfast(inp):
 
 
 DIFFUSION_LOSS = OpBench(
+    kernels="diffusion",
     name="diffusion_loss",
     inputs=_diffusion_inputs,
     eager=_diffusion_eager,
@@ -181,6 +184,7 @@ def _step_bytes(case):
 
 
 DDPM_STEP = OpBench(
+    kernels="diffusion",
     name="ddpm_step",
     inputs=_step_inputs,
     eager=_ddpm_eager,
@@ -191,6 +195,7 @@ DDPM_STEP = OpBench(
 )
 
 DDIM_STEP = OpBench(
+    kernels="diffusion",
     name="ddim_step",
     inputs=_step_inputs,
     eager=_ddim_eager,
@@ -248,6 +253,7 @@ def _group_norm_genfast(inp):
 
 
 GROUP_NORM_SILU = OpBench(
+    kernels="group_norm_silu",
     name="group_norm_silu",
     inputs=_group_norm_inputs,
     eager=_group_norm_eager,
@@ -284,6 +290,7 @@ def _penalty_eager(inp):
 
 
 GRADIENT_PENALTY = OpBench(
+    kernels="gradient_penalty",
     name="gradient_penalty",
     inputs=_penalty_inputs,
     eager=_penalty_eager,

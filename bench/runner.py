@@ -38,6 +38,16 @@ def genfast_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     return usable, skipped
 
 
+def runs_op(backend: str, kernels: str, device: torch.device) -> bool:
+    """Whether ``backend`` has kernels for an op of the kernel module ``kernels`` on ``device``: the C++ backend
+    has only GroupNorm+SiLU on CUDA, every other backend that is usable at all runs every op."""
+    if backend != "cpp":
+        return True
+    from genfast import cpp
+
+    return cpp.has_kernels(kernels, device.type)
+
+
 def first_line(text: str, limit: int = 160) -> str:
     """The first line of a message, cut at ``limit`` characters (build logs and tracebacks run long)."""
     line = text.strip().splitlines()[0] if text.strip() else ""

@@ -25,6 +25,14 @@ def test_backends_skip_auto_and_the_cpu_interpreter():
     assert cli.quick_backends(["reference", "cpp"]) == ["cpp"] and cli.quick_backends(["reference"]) == ["reference"]
 
 
+def test_cpp_rows_only_for_ops_it_has_kernels_for():
+    cuda = torch.device("cuda")
+    assert runner.runs_op("cpp", ops.GROUP_NORM_SILU.kernels, cuda)
+    assert not runner.runs_op("cpp", ops.REPARAMETERIZE_KL.kernels, cuda)
+    assert all(runner.runs_op("cpp", op.kernels, torch.device("cpu")) for op in ops.OPS.values())
+    assert runner.runs_op("triton", ops.REPARAMETERIZE_KL.kernels, cuda)
+
+
 def test_cpu_peak_memory_sees_the_call_allocations():
     assert profile_call(lambda: torch.ones(1 << 20), torch.device("cpu")).peak_bytes >= 4 << 20
 
