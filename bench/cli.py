@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small set for a CPU in under two minutes: the C++ target rows, one row per other op, "
                              f"torch.compile on {len(ops.QUICK_COMPILE_CASES)} rows only, small models end to end, "
                              "no compile end to end")
+    parser.add_argument("--targets", action="store_true",
+                        help="the C++ CPU backend's target rows only: GroupNorm+SiLU, reparameterize_kl and the "
+                             "diffusion loss against eager and torch.compile, and a training step of the 64x64 VAE "
+                             "and a small DDPM against eager")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training steps")
@@ -60,9 +64,9 @@ def quick_backends(backends: list[str]) -> list[str]:
 
 
 def _op_tasks(args, backends: list[str], device: torch.device) -> list[tuple]:
-    if args.quick:
+    if args.quick or args.targets:
         backends = quick_backends(backends)
-    cases = ops.quick_cases() if args.quick else ops.full_cases()
+    cases = list(ops.TARGET_CASES) if args.targets else ops.quick_cases() if args.quick else ops.full_cases()
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
     tasks = []
@@ -80,8 +84,8 @@ def _e2e_tasks(args, backends: list[str], device: torch.device) -> list[tuple]:
         return []
     # a training step calls every kind of op: only backends that run them all on the device
     backends = [b for b in backends if all(runner.runs_op(b, op.kernels, device) for op in ops.OPS.values())]
-    sizes = e2e.QUICK_SIZES if args.quick else e2e.FULL_SIZES
-    impls = e2e.e2e_impls(backends, compile_too=not (args.no_compile or args.quick))
+    sizes = e2e.TARGET_SIZES if args.targets else e2e.QUICK_SIZES if args.quick else e2e.FULL_SIZES
+    impls = e2e.e2e_impls(backends, compile_too=not (args.no_compile or args.quick or args.targets))
     return [("e2e", (name, size), impl) for name, size in sizes.items() for impl in impls]
 
 
@@ -122,13 +126,14 @@ def run(args: argparse.Namespace) -> int:
     print(report.table(recs, launches=device.type == "cuda"))
     machine = report.machine_info(device, args.threads)
     stamp = datetime.now(timezone.utc)
-    settings = dict(quick=args.quick, ops=args.ops, no_e2e=args.no_e2e, no_compile=args.no_compile,
+    settings = dict(quick=args.quick, targets=args.targets, ops=args.ops, no_e2e=args.no_e2e, no_compile=args.no_compile,
                     min_run_time_s=min_run_time, finished_utc=stamp.isoformat(timespec="seconds"),
                     wall_s=round(wall_s, 1), cpu_s=round(cpu_s, 1), load_average_1min_at_start=load)
     info = dict(machine=machine, settings=settings, copy_bandwidth_gbps=peak / 1e9,
                 backends=dict(timed=backends, skipped=skipped))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{report.device_tag(device)}-{stamp:%Y%m%d-%H%M%S}{'-quick' if args.quick else ''}"
+    kind = "-targets" if args.targets else "-quick" if args.quick else ""
+    stem = args.out / f"{report.device_tag(device)}-{stamp:%Y%m%d-%H%M%S}{kind}"
     report.write_json(stem.with_suffix(".json"), info, recs)
     report.write_csv(stem.with_suffix(".csv"), machine, recs)
     plots = report.plot(recs, peak / 1e9, stem)

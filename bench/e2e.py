@@ -47,6 +47,13 @@ QUICK_SIZES = {
     "ddpm": ModelSize(8, 16, dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                   attention_resolutions=(8,))),
 }
+# --targets: the C++ CPU backend's training-step targets: the demo's VAE on 64×64 faces (`make demo`: batch 64,
+# latent 32) and a small DDPM U-Net at 32×32.
+TARGET_SIZES = {
+    "vae": ModelSize(64, 64, dict(latent_dim=32, base_channels=32)),
+    "ddpm": ModelSize(8, 32, dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                  attention_resolutions=(16,))),
+}
 
 
 def _compiled(fn: Callable, compile_it: bool) -> Callable:
