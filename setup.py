@@ -37,9 +37,11 @@ def _extension_build():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         ext = cpp_extension.CUDAExtension("genfast._C", srcs, extra_compile_args=flags,
+                                          extra_link_args=build.link_flags(),
                                           library_dirs=[str(build.cuda_library_dir())])
     else:
-        ext = cpp_extension.CppExtension("genfast._C", srcs, extra_compile_args={"cxx": flags["cxx"]})
+        ext = cpp_extension.CppExtension("genfast._C", srcs, extra_compile_args={"cxx": flags["cxx"]},
+                                         extra_link_args=build.link_flags())
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

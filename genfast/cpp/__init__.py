@@ -64,7 +64,18 @@ def compile_flags() -> dict[str, list[str]]:
         # at::vec picks its implementation from CPU_CAPABILITY_*; the loader refuses CPUs without AVX2 (every
         # AVX2 CPU also has FMA and F16C, which ATen's AVX2 code uses).
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return {"cxx": cxx, "nvcc": ["-O3"]}
+    return {"cxx": cxx + _openmp(), "nvcc": ["-O3"]}
+
+
+def link_flags() -> list[str]:
+    """Linker flags; one place for setup.py and the just-in-time build."""
+    return _openmp()
+
+
+def _openmp() -> list[str]:
+    """-fopenmp where ATen's parallel backend is OpenMP: at::parallel_for is a header template whose
+    ``#pragma omp parallel`` a compile without -fopenmp silently drops, running every kernel on one thread."""
+    return ["-fopenmp"] if torch._C.has_openmp else []
 
 
 def sources(root: Path = SOURCE_ROOT, *, cuda: bool) -> list[str]:
@@ -150,7 +161,7 @@ def _jit_build() -> str:
     start = time.perf_counter()
     path = cpp_extension.load(name=JIT_NAME, sources=sources(cuda=cuda), extra_cflags=flags["cxx"],
                               extra_cuda_cflags=flags["nvcc"], is_python_module=False, verbose=False,
-                              extra_ldflags=[f"-L{cuda_library_dir()}"] if cuda else None)
+                              extra_ldflags=link_flags() + ([f"-L{cuda_library_dir()}"] if cuda else []))
     if announce:
         print(f"genfast: C++ kernels ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return str(path)  # with is_python_module=False, load() loads the library and returns its path
