@@ -10,6 +10,7 @@ from torch import nn
 import genfast
 import genfast.kernels.group_norm_silu as K
 from genfast.ops.group_norm import _group_norm_silu_backward_op, _group_norm_silu_op
+from genfast._backend import unavailable_reason
 from tolerances import assert_close
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -183,12 +184,17 @@ def test_split_path_channel_blocks(monkeypatch, layout, activation):
         check(make_inputs((2, 12, 3, 5), layout=layout), 2, "triton", activation=activation)
 
 
-@pytest.mark.parametrize("backend_name, path", [("reference", "single"), ("triton", "single"), ("triton", "split")])
-def test_large_mean(monkeypatch, backend_name, path):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend_name, path", [("reference", "single"), ("triton", "single"), ("triton", "split"),
+                                                ("cpp", "single")])
+def test_large_mean(monkeypatch, backend_name, path, layout):
     """x = 1000 + noise: y keeps full fp32 accuracy, where E[h²] − E[h]² in fp32 is off by ~10%."""
+    if backend_name == "cpp" and unavailable_reason("cpp") is not None:
+        pytest.skip(f"C++ kernels unavailable: {unavailable_reason('cpp')}")
     if path == "split":
         force_split(monkeypatch)
-    inputs = make_inputs((2, 6, 5, 7), add=False)  # (x + add near 1000 would round in fp32 before any statistic)
+    # (x + add near 1000 would round in fp32 before any statistic)
+    inputs = make_inputs((2, 6, 5, 7), add=False, layout=layout)
     inputs["x"] = 1000.0 + inputs["x"]
     groups = inputs["x"].reshape(2, 3, -1)
     naive_var = (groups * groups).mean(-1) - groups.mean(-1) ** 2
