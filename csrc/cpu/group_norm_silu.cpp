@@ -95,16 +95,6 @@ Vec sigmoid(const Vec& m) {
   return one / (one + m.neg().exp_u20());
 }
 
-// Calls f(T{}) for the element type T of x: float, c10::BFloat16 or c10::Half (make_problem rejects others).
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "genfast C++ kernels: unsupported dtype ", dtype);
-  }
-}
 
 // ---- forward ------------------------------------------------------------------------------------------------
 // y = silu(((x − t) − μ)·A + B) over a span; A = rstd·α.

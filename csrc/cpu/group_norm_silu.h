@@ -4,11 +4,24 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
 #include <utility>
 
 namespace genfast {
+
+// Calls f(T{}) for the element type T of x: float, c10::BFloat16 or c10::Half (make_problem rejects others).
+template <typename F>
+void dispatch(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "genfast GroupNorm kernels: unsupported dtype ", dtype);
+  }
+}
 
 struct GroupNormGeometry {
   int64_t B, C, G, CPG, S;  // S = the product of the spatial sizes (1 for a (B, C) input)

@@ -292,15 +292,6 @@ Params make_params(const GroupNormGeometry& geo, const c10::optional<at::Tensor>
           keep.add.const_data_ptr<float>(), keep.scale.const_data_ptr<float>(), keep.shift.const_data_ptr<float>()};
 }
 
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "genfast CUDA kernels: unsupported dtype ", dtype);
-  }
-}
 
 // The reduction grid: (channel blocks, splits) and the positions per split.
 struct ReduceGrid {
