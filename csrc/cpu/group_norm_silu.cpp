@@ -228,6 +228,19 @@ void accumulate(float* acc, int64_t i, const Vec& v, int64_t count) {
   }
 }
 
+// The statistics pivot of each group of one NHWC sample: h = x + add at position 0 in the group's first channel
+// (0 when there are no positions).
+template <typename T>
+std::vector<float> nhwc_pivots(const T* xb, const float* add, int64_t C, int64_t G, int64_t CPG, int64_t S,
+                               float* scratch) {
+  std::vector<float> K(G, 0.f);
+  if (S > 0) {
+    const float* x0 = read_span(xb, C, scratch);
+    for (int64_t g = 0; g < G; ++g) K[g] = x0[g * CPG] + add[g * CPG];
+  }
+  return K;
+}
+
 template <typename T>
 void forward_nhwc(const Problem& p, const T* x, T* y, float* mean, float* rstd, double eps, bool silu) {
   const int64_t C = p.C, S = p.S, G = p.G, CPG = p.CPG;
@@ -239,11 +252,7 @@ void forward_nhwc(const Problem& p, const T* x, T* y, float* mean, float* rstd, 
       const T* xb = x + b * C * S;
       const float* add = p.add.data() + b * C;
       // Pivot of each group (h at position 0, its first channel), as t = K − add per channel.
-      std::vector<float> K(G, 0.f);
-      if (S > 0) {
-        const float* x0 = read_span(xb, C, xs.data());
-        for (int64_t g = 0; g < G; ++g) K[g] = x0[g * CPG] + add[g * CPG];
-      }
+      const std::vector<float> K = nhwc_pivots(xb, add, C, G, CPG, S, xs.data());
       for (int64_t c = 0; c < C; ++c) t[c] = K[c / CPG] - add[c];
       ChannelSums acc(C, 2);
       for (int64_t s = 0; s < S; ++s) {
@@ -452,11 +461,7 @@ void backward_nhwc(const Problem& p, const T* dy, const T* x, const float* mean,
       const T* xb = x + b * C * S;
       const T* gb = dy + b * C * S;
       const float* add = p.add.data() + b * C;
-      std::vector<float> K(G, 0.f);
-      if (S > 0) {
-        const float* x0 = read_span(xb, C, xs.data());
-        for (int64_t g = 0; g < G; ++g) K[g] = x0[g * CPG] + add[g * CPG];
-      }
+      const std::vector<float> K = nhwc_pivots(xb, add, C, G, CPG, S, xs.data());
       for (int64_t c = 0; c < C; ++c) {
         const int64_t g = c / CPG, bc = b * C + c;
         t[c] = K[g] - add[c];
