@@ -5,10 +5,10 @@ the Triton kernels (``genfast.kernels``) are tested against. Select the implemen
 :func:`set_backend` / :func:`use_backend` or ``$GENFAST_BACKEND``.
 """
 from ._backend import get_backend, set_backend, use_backend
-from .ops.vae import gaussian_kl, reparameterize, reparameterize_kl
+from .ops.reparameterize import gaussian_kl, reparameterize, reparameterize_kl
 from .ops.diffusion import NoiseSchedule, ddim_step, ddpm_step, diffusion_loss, q_sample
 from .ops.gradient_penalty import gradient_penalty
-from .ops.group_norm import group_norm_silu
+from .ops.group_norm_silu import group_norm_silu
 from . import nn  # genfast.nn: the nn.Module wrappers
 # The module is genfast.patching (not genfast.patch, which is the function).
 from .patching import patch, unpatch

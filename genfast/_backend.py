@@ -1,23 +1,36 @@
-"""Backend selection: which implementation the registered ops run.
+"""Backend selection: which implementation the public ops run, decided by one table (:func:`why_not`).
 
-Names: ``"auto"`` (default: Triton kernels for CUDA tensors, the C++ kernels for CPU tensors when the extension
-loads, else the pure-PyTorch reference), ``"reference"``, ``"triton"`` and ``"cpp"`` (the C++ kernels of
-``csrc/``: every op on the CPU, GroupNorm + SiLU also on CUDA; see ``genfast.cpp``). ``"triton"`` on CPU tensors
-runs the Triton kernels in the interpreter and so needs ``TRITON_INTERPRET=1`` in the environment before genfast
-is imported. The default comes from ``GENFAST_BACKEND``.
+Names: ``"auto"`` (default: the Triton kernels for CUDA tensors, the C++ kernels for CPU tensors when the extension
+loads, else the pure-PyTorch reference), ``"reference"`` (``genfast/reference``: explicit formulas, any device and
+dtype), ``"torch"`` (``genfast/composite``: the plain PyTorch code a user would write — ``torch.randn`` noise,
+``F.group_norm`` → ``F.silu``, the autograd penalty — the baseline of every benchmark; it draws its noise from
+torch's generator and so does not share genfast's Philox stream), ``"triton"`` (``kernels/``) and ``"cpp"``
+(``csrc/``: every op on the CPU, GroupNorm + SiLU also on CUDA). ``"triton"`` on CPU tensors runs the kernels in the
+Triton interpreter and so needs ``TRITON_INTERPRET=1`` before genfast is imported. The default comes from
+``GENFAST_BACKEND``.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import functools
+import importlib
 import os
 
 import torch
 
 from . import cpp
+from ._shared import triton_interpret
 
-BACKENDS = ("auto", "reference", "triton", "cpp")
+BACKENDS = ("auto", "reference", "torch", "triton", "cpp")
+OPS = ("group_norm_silu", "reparameterize", "diffusion", "gradient_penalty")  # genfast/ops/<op>.py
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the devices each backend has kernels for; "reference" and "torch" run anywhere
+DEVICES = {
+    "triton": {op: ("cuda", "cpu") for op in OPS},  # "cpu": the interpreter
+    "cpp": {"group_norm_silu": ("cpu", "cuda"), "reparameterize": ("cpu",), "diffusion": ("cpu",),
+            "gradient_penalty": ("cpu",)},
+}
+MODULES = {"reference": "genfast.reference", "triton": "genfast.kernels"}  # the package of an op's module
 
 _current: str | None = None
 
@@ -53,13 +66,8 @@ def use_backend(name: str):
         _current = previous
 
 
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
-def triton_unavailable_reason() -> str | None:
-    """``None`` when Triton can be imported, else why not."""
+def _triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
@@ -67,88 +75,74 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def why_not(backend: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+            op: str | None = None) -> str | None:
+    """The one backend table: ``None`` when ``backend`` runs ``op`` (one of :data:`OPS`; None: at least one op) on
+    ``dtype`` tensors (None: any kernel dtype) on ``device``, else the reason why not, in one sentence.
+
+    ``resolve_backend``, "auto", ``genfast info`` and the benchmarks all ask it. For "cpp" it loads the extension
+    (compiling it on first use if it was not built)."""
+    _check_name(backend, "backend")
+    device_type = torch.device(device).type
+    if backend in ("auto", "reference", "torch"):
+        return None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"it takes float32, bfloat16 or float16 tensors, not {dtype} (use backend 'reference' or 'torch')"
+    ops = OPS if op is None else (op,)
+    if not any(device_type in DEVICES[backend][o] for o in ops):
+        if backend == "triton":
+            return "it needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels in the interpreter on the CPU)"
+        has = ", ".join(f"{o} on {'/'.join(DEVICES[backend][o])}" for o in OPS)
+        return f"it has no {device_type} kernels for {op or 'any op'} (it has {has})"
+    if backend == "triton":
+        if _triton_import_error() is not None:
+            return _triton_import_error()
+        if device_type == "cpu" and not triton_interpret():
+            return ("on CPU tensors it runs the Triton interpreter, which needs TRITON_INTERPRET=1 in the "
+                    "environment before genfast is imported")
+        return None
+    return cpp.load_error(device_type)
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the result
-def _cpp_reason(kernels: str, device_type: str) -> str | None:
-    """None when the C++ kernels run the ops of ``kernels`` on ``device_type`` tensors, else why not."""
-    if not cpp.has_kernels(kernels, device_type):
-        return (f"it has no {device_type} kernels for the {kernels} ops (it runs every op on the CPU and "
-                "group_norm_silu on CUDA)")
-    return cpp.unavailable_reason(torch.device(device_type))
+def _resolve(name: str, op: str, device_type: str, dtype: torch.dtype, interpret: bool) -> str:
+    return _resolve_cached(name, op, device_type, dtype, interpret)
 
 
-def _resolve_cpp(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
-    if dtype not in KERNEL_DTYPES:
-        raise TypeError(f"genfast backend 'cpp' takes float32, bfloat16 or float16 tensors, got {dtype}; "
-                        "use backend 'reference' for float64")
-    reason = _cpp_reason(kernels, device.type)
-    if reason is not None:
-        raise RuntimeError(f"genfast backend 'cpp' cannot run the {kernels} ops on {device.type} tensors: {reason}")
-    return "cpp"
-
-
-def resolve_backend(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
-    """The concrete backend ("reference", "triton" or "cpp") for the op of ``genfast.kernels.<kernels>`` on
-    tensors of ``dtype`` on ``device``.
-
-    The kernels take fp32, bf16 and fp16; float64 runs on the reference (under "auto") or is refused."""
-    name = get_backend()
-    if name == "reference":
-        return name
+@functools.lru_cache(maxsize=None)
+def _resolve_cached(name, op, device_type, dtype, interpret):
     if name == "auto":
-        if dtype not in KERNEL_DTYPES:
-            return "reference"
-        if device.type == "cuda":
-            return "triton" if triton_unavailable_reason() is None else "reference"
-        # The Triton interpreter is a correctness tool, not a speed-up: on the CPU auto takes the C++ kernels.
-        return "cpp" if device.type == "cpu" and _cpp_reason(kernels, "cpu") is None else "reference"
-    if name == "cpp":
-        return _resolve_cpp(device, dtype, kernels)
-    # name == "triton"
-    if dtype not in KERNEL_DTYPES:
-        raise TypeError(f"genfast backend 'triton' takes float32, bfloat16 or float16 tensors, got {dtype}; "
-                        "use backend 'reference' for float64")
-    reason = triton_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"genfast backend 'triton' is not available: {reason}")
-    if device.type == "cuda":
+        candidate = "triton" if device_type == "cuda" else "cpp"
+        return candidate if why_not(candidate, device_type, dtype, op) is None else "reference"
+    reason = why_not(name, device_type, dtype, op)
+    if reason is None:
         return name
-    if device.type == "cpu" and triton_interpret():
-        return name
-    raise RuntimeError(
-        f"genfast backend 'triton' needs CUDA tensors, got tensors on {device}; set TRITON_INTERPRET=1 before "
-        "importing genfast to run the Triton kernels in the interpreter on the CPU, or use backend 'reference'"
-    )
+    error = TypeError if dtype not in KERNEL_DTYPES else RuntimeError
+    raise error(f"genfast backend {name!r} cannot run {op} on {dtype} tensors on {device_type}: {reason}")
 
 
-def implementation(backend: str, reference, kernels: str):
-    """The module that runs an op for a resolved ``backend``: ``genfast.kernels.<kernels>`` for "triton",
-    ``genfast.cpp.<kernels>`` for "cpp" (both imported on first use, so genfast imports without Triton or a
-    compiler), else the ``reference`` module."""
-    if backend in ("triton", "cpp"):
-        package = "genfast.kernels" if backend == "triton" else "genfast.cpp"
-        return importlib.import_module(f"{package}.{kernels}")
-    return reference
+def resolve_backend(device: torch.device, dtype: torch.dtype, op: str) -> str:
+    """The concrete backend ("reference", "torch", "triton" or "cpp") for ``op`` on ``dtype`` tensors on ``device``.
+
+    Under "auto" the Triton interpreter is never chosen (a correctness tool, not a speed-up), nor "torch"; float64
+    runs on the reference. An explicit backend that cannot run raises the table's reason. Cached per
+    (backend, op, device type, dtype)."""
+    return _resolve(get_backend(), op, device.type, dtype, triton_interpret())
 
 
-def unavailable_reason(name: str, device: str | torch.device = "cpu") -> str | None:
-    """``None`` when backend ``name`` can run ops on tensors on ``device``, else why not, in one sentence.
+class _CppOps:
+    """The C++ kernels of one op, with the reference module's function names: ``f`` is ``torch.ops.genfast.cpp_f``
+    (the extension is loaded on first use)."""
 
-    This is what ``genfast info`` prints and how the benchmarks pick the backends to time. For "cpp" it loads the
-    extension (compiling it on first use if it was not built); on CUDA the "cpp" backend runs group_norm_silu
-    only."""
-    _check_name(name, "backend")
-    device = torch.device(device)
-    if name in ("auto", "reference"):
-        return None
-    if name == "cpp":
-        return cpp.unavailable_reason(device)
-    # name == "triton"
-    reason = triton_unavailable_reason()
-    if reason is not None:
-        return reason
-    if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
-        return None
-    return f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them in the interpreter on {device})"
+    def __getattr__(self, name: str):
+        return getattr(cpp.ops(), f"cpp_{name}")
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(backend: str, op: str):
+    """What runs ``op`` on a resolved ``backend``: ``genfast.kernels.<op>`` for "triton", the C++ ops for "cpp",
+    ``genfast.reference.<op>`` otherwise — each with the reference module's signatures. Imported on first use, so
+    genfast imports without Triton or a compiler."""
+    if backend == "cpp":
+        return _CppOps()
+    return importlib.import_module(f"{MODULES.get(backend, MODULES['reference'])}.{op}")

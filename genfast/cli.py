@@ -201,7 +201,7 @@ def _info(args) -> int:
     import torch
 
     import genfast
-    from ._backend import BACKENDS, unavailable_reason
+    from ._backend import BACKENDS, OPS, why_not
 
     try:
         import triton
@@ -218,8 +218,15 @@ def _info(args) -> int:
     print(f"backend {genfast.get_backend()} (selected)")
     print(f"backends on {device}:")
     for name in BACKENDS:
-        reason = unavailable_reason(name, device)
-        print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        runs = [op for op in OPS if why_not(name, device, op=op) is None]
+        if not runs:
+            status = f"unavailable: {why_not(name, device)}"
+        elif len(runs) < len(OPS):
+            missing = next(op for op in OPS if op not in runs)
+            status = f"available for {', '.join(runs)} only ({why_not(name, device, op=missing)})"
+        else:
+            status = "available"
+        print(f"  {name:<10} {status}")
     return 0
 
 

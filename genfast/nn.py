@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter, init
 
-from .ops.group_norm import group_norm_silu
+from .ops.group_norm_silu import group_norm_silu
 
 
 class GroupNormSiLU(Module):

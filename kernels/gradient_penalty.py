@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from genfast.reference.gradient_penalty import penalty_scale
+from genfast._shared import penalty_scale
 
 from . import per_sample
 from .per_sample import dims, launch, sample_block

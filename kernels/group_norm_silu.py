@@ -1,7 +1,7 @@
 """Fused GroupNorm + SiLU with the time-embedding add and the scale-shift: forward and backward Triton kernels.
 
     h = x + add,  x̂ = (h − mean)·rstd,  m = x̂·α + β  with  α = w·(1 + scale),  β = b·(1 + scale) + shift,
-    y = silu(m) = m·σ(m)  (or y = m)          — see genfast/reference/group_norm.py.
+    y = silu(m) = m·σ(m)  (or y = m)          — see genfast/reference/group_norm_silu.py.
 
 Layout. x is read as (B, C, S) with strides (sB, sC, sS) (NCHW: sS = 1, NHWC: sC = 1); y, dy and dx share them.
 A tile is [BLOCK_C channels of one group, BLOCK_S spatial positions]; Triton specialises a stride of 1, so the
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.group_norm import input_grad
+from genfast._shared import optional_grad
 
 # ---- heuristics: the one place tiles, splits and warps are chosen -------------------------------------------
 MIN_BLOCK_C = 4  # a tile's channel extent: the next power of two of the group's channels, at least this ...
@@ -469,7 +469,7 @@ def _or(t, placeholder):
 
 
 def group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, silu):
-    """Launcher of the forward: (y, mean, rstd) like ``genfast.reference.group_norm.group_norm_silu``."""
+    """Launcher of the forward: (y, mean, rstd) like ``genfast.reference.group_norm_silu.group_norm_silu``."""
     batch, channels, cpg, spatial, (sB, sC, sS) = _geometry(x, num_groups)
     rows = batch * num_groups
     y = torch.empty_like(x)
@@ -528,8 +528,8 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
                                           num_groups, channels, cpg, spatial, n, plan.n_sp, BLOCK=FINALIZE_BLOCK,
                                           num_warps=FINALIZE_WARPS)
             _bwd_dx_kernel[grid](x, grad_y, *args, coef, dx, *shape, plan.n_sp, plan.per_split, int(silu), **blocks)
-    return (dx, input_grad(dwp.sum(0), weight, x), input_grad(dbp.sum(0), bias, x), input_grad(dadd, add, x),
-            input_grad(dscale, scale, x), input_grad(dshift, shift, x))
+    return (dx, optional_grad(dwp.sum(0), weight, x), optional_grad(dbp.sum(0), bias, x), optional_grad(dadd, add, x),
+            optional_grad(dscale, scale, x), optional_grad(dshift, shift, x))
 
 
 # ---- ahead-of-time variants ---------------------------------------------------------------------------------

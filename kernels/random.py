@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from genfast._backend import triton_interpret
+from genfast._shared import triton_interpret
 
 
 @triton.jit

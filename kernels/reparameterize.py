@@ -55,7 +55,7 @@ def _reparameterize_kl_bwd_kernel(
 
 
 def reparameterize_kl(mu, logvar, noise, seed, want_z, want_kl):
-    """Launcher of the forward: (z, kl) like ``genfast.reference.vae.reparameterize_kl``."""
+    """Launcher of the forward: (z, kl) like ``genfast.reference.reparameterize.reparameterize_kl``."""
     batch, sample_numel = dims(mu)
     n_chunks = per_sample.num_chunks(sample_numel)
     z = torch.empty_like(mu) if want_z else mu.new_empty(0)

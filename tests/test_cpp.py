@@ -12,7 +12,7 @@ import torch
 import genfast
 import genfast.cpp
 from genfast._backend import resolve_backend, unavailable_reason
-from genfast.ops.group_norm import _group_norm_silu_backward_op, _group_norm_silu_op
+from genfast.ops.group_norm_silu import _group_norm_silu_backward_op, _group_norm_silu_op
 from test_group_norm import DTYPES, NAMES, check, composite, forward_backward, make_inputs, op_args
 from tolerances import assert_close
 

@@ -18,7 +18,7 @@ from genfast.cpp import gradient_penalty as cpp_gp
 from genfast.cpp import reparameterize as cpp_vae
 from genfast.reference import diffusion as ref_diffusion
 from genfast.reference import gradient_penalty as ref_gp
-from genfast.reference import vae as ref_vae
+from genfast.reference import reparameterize as ref_vae
 from genfast.reference.random import noise_like
 
 from tolerances import NOISE_ATOL, TOLERANCES, assert_close

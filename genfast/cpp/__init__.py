@@ -6,11 +6,12 @@ Build. ``setup.py`` compiles every ``csrc/cpu/*.cpp`` (and, where ``cuda_skip_re
 ``torch.utils.cpp_extension.load`` into torch's extension cache (once; later runs reuse it). The flags are
 ``compile_flags()`` in both cases. On x86-64 the CPU code is compiled for AVX2 + FMA, so that ``at::vec::Vectorized``
 uses 256-bit registers and a vectorised ``exp``; on a CPU without AVX2 the extension is not loaded and "auto"
-keeps the reference (``unavailable_reason`` says why).
+keeps the reference (``load_error`` says why).
 
-Registration pattern (one per op; the C++ function names are those of the reference module, prefixed ``cpp_``):
+Registration pattern (one per op; the C++ function names are those of the op's reference module
+``genfast/reference/<op>.py``, prefixed ``cpp_``):
 
-1. ``csrc/cpu/<op>.cpp`` defines the internal op and its CPU kernel::
+1. ``csrc/cpu/<op>.cpp`` defines the internal ops and their CPU kernels::
 
        TORCH_LIBRARY_FRAGMENT(genfast, m) {
          m.def("cpp_group_norm_silu(Tensor x, Tensor? weight, ..., int num_groups, float eps, bool silu)"
@@ -18,23 +19,19 @@ Registration pattern (one per op; the C++ function names are those of the refere
        }
        TORCH_LIBRARY_IMPL(genfast, CPU, m) { m.impl("cpp_group_norm_silu", &group_norm_silu_cpu); }
 
-   A CUDA kernel goes in ``csrc/cuda/<op>.cu`` with ``TORCH_LIBRARY_IMPL(genfast, CUDA, m)`` only (the schema
-   stays in the .cpp file, which is always compiled). The build globs the folders: adding a file is enough.
-   Include ``<ATen/core/Tensor.h>``, ``<ATen/ops/<name>.h>``, ``<ATen/Parallel.h>``, ``<ATen/cpu/vec/vec.h>`` and
-   ``<torch/library.h>``, not ``<ATen/ATen.h>`` or ``<torch/extension.h>``: those cost ~30 s of compile per file.
-2. ``genfast/cpp/<kernels module>.py`` (the name of the Triton module in ``kernels/``) exposes the reference
-   module's functions with the same signatures and returns, calling ``ops().cpp_<function>(...)``, and declares
-   ``DEVICES = ("cpu",)`` (or ``("cpu", "cuda")``): the devices it has kernels for.
-3. Nothing else: ``genfast._backend.resolve_backend(device, dtype, "<kernels module>")`` returns "cpp" under "auto"
-   on the CPU (fp32/bf16/fp16) when that module exists, lists the device and the extension loads, and
-   ``implementation("cpp", ...)`` imports ``genfast.cpp.<kernels module>``. The internal ops run only inside the
-   public ``genfast::*`` custom ops (which have the fake implementations torch.compile needs): there is no
-   second public API.
+   with the signatures and returns of the reference functions. A CUDA kernel goes in ``csrc/cuda/<op>.cu`` with
+   ``TORCH_LIBRARY_IMPL(genfast, CUDA, m)`` only (the schema stays in the .cpp file, which is always compiled). The
+   build globs the folders: adding a file is enough. Include ``<ATen/core/Tensor.h>``, ``<ATen/ops/<name>.h>``,
+   ``<ATen/Parallel.h>``, ``<ATen/cpu/vec/vec.h>`` and ``<torch/library.h>``, not ``<ATen/ATen.h>`` or
+   ``<torch/extension.h>``: those cost ~30 s of compile per file.
+2. The devices go in the backend table (``genfast._backend.DEVICES["cpp"]``). Nothing else:
+   ``genfast._backend.implementation("cpp", op).f`` is ``torch.ops.genfast.cpp_f``. The internal ops run only
+   inside the public ``genfast::*`` custom ops (which have the fake implementations torch.compile needs): there is
+   no second public API.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import os
 import platform
@@ -197,21 +194,15 @@ def ops():
 
 
 @functools.lru_cache(maxsize=None)
-def has_kernels(kernels: str, device_type: str) -> bool:
-    """A module ``genfast.cpp.<kernels>`` exists and declares kernels for ``device_type``."""
-    if importlib.util.find_spec(f"{__name__}.{kernels}") is None:
-        return False
-    return device_type in importlib.import_module(f"{__name__}.{kernels}").DEVICES
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """None when the C++ kernels can run on tensors on ``device``, else why not (loads the extension)."""
-    if device.type not in ("cpu", "cuda"):
-        return f"the C++ kernels run on CPU and CUDA tensors, not on {device.type}"
+def load_error(device_type: str) -> str | None:
+    """None when the C++ kernels can run on ``device_type`` tensors, else why not, in one sentence (loads the
+    extension)."""
+    if device_type not in ("cpu", "cuda"):
+        return f"the C++ kernels run on CPU and CUDA tensors, not on {device_type}"
     error = _load_error()
     if error is not None:
         return error
-    if device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+    if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
             "genfast::cpp_group_norm_silu", "CUDA"):
         why = cuda_skip_reason() or ("no CUDA device was available when the kernels were compiled just-in-time"
                                      if not torch.cuda.is_available() else "the CUDA sources were not compiled")

@@ -34,8 +34,8 @@ except ImportError as exc:  # not installed, or an install without these classes
     ) from exc
 
 from ..ops.diffusion import ddim_step, ddpm_step, q_sample
-from ..ops.group_norm import group_norm_silu
-from ..ops.vae import reparameterize
+from ..ops.group_norm_silu import group_norm_silu
+from ..ops.reparameterize import reparameterize
 from ..patching import fusable_pair, fuse_pair, unfuse_pair
 from ..schedule import NoiseSchedule
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import GroupNormSiLU
-from ..ops.group_norm import group_norm_silu
+from ..ops.group_norm_silu import group_norm_silu
 from ._common import check_images, check_positive_int
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import GroupNormSiLU
-from ..ops.vae import reparameterize_kl
+from ..ops.reparameterize import reparameterize_kl
 from ._common import check_images, check_positive_int, down_conv, ladder, level_channels, up_conv
 
 RECON_LOSSES = ("bce", "mse")

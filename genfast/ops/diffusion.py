@@ -10,18 +10,19 @@ from torch import Tensor
 
 from .._backend import implementation, resolve_backend
 from .._rng import draw, draw_seed
+from .._shared import compute_dtype
 from .._validation import (
     batch_major, check_float_tensor, check_generator, check_like, check_timesteps_range, match_layout,
 )
-from ..reference import diffusion as ref
-from ..reference import compute_dtype
+from ..composite import diffusion as composite
 from ..schedule import NoiseSchedule, _check_real
 
+OP = "diffusion"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
 Timesteps = Union[int, Tensor]
 
 
 def _impl(backend: str):
-    return implementation(backend, ref, "diffusion")
+    return implementation(backend, OP)
 
 
 # ---- q_sample: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε ------------------------------------------------------------------
@@ -275,9 +276,12 @@ def q_sample(x0: Tensor, t: Timesteps, schedule: NoiseSchedule, noise: Optional[
     the kernel from a seed taken from ``generator`` (torch's default when None): the stream of
     ``genfast.reference.random.noise_like(x0, seed)``. Differentiable in x0."""
     x0, t, noise = _prepare(x0, "x0", schedule, t, noise, generator)
+    backend = resolve_backend(x0.device, x0.dtype, OP)
+    if backend == "torch":
+        return composite.q_sample(x0, t, schedule, noise, generator=generator)
     noise, seed = _noise_and_seed(noise, x0, generator, True)
     return _q_sample_op(x0, t, noise, seed, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                        resolve_backend(x0.device, x0.dtype, "diffusion"))
+                        backend)
 
 
 def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: NoiseSchedule, *,
@@ -288,14 +292,26 @@ def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedu
     x_t and the loss regenerates ε in its forward and backward. Gradients reach the model through ε̂ and x0
     through x_t when x0 requires grad."""
     x0, t, _ = _prepare(x0, "x0", schedule, t, None, generator, draw_t=True)
+    backend = resolve_backend(x0.device, x0.dtype, OP)
+    if backend == "torch":
+        return composite.diffusion_loss(_checked_model(model, x0), x0, schedule, t=t, generator=generator)
     seed = draw_seed(x0.device, generator)
     x_t = _q_sample_op(x0, t, None, seed, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                       resolve_backend(x0.device, x0.dtype, "diffusion"))
-    eps_hat = model(x_t, t)
-    check_like(eps_hat, "model(x_t, t)", x0, "x0")
+                       backend)
+    eps_hat = _checked_model(model, x0)(x_t, t)
     # the noise stream is indexed by memory position: ε̂ must be laid out like x0
     eps_hat = match_layout(eps_hat, x_t)
-    return _noise_mse_op(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype, "diffusion"))
+    return _noise_mse_op(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype, OP))
+
+
+def _checked_model(model, x0: Tensor):
+    """``model`` whose output ε̂ is checked to be a float tensor of x0's shape on its device."""
+    def run(x_t, t):
+        eps_hat = model(x_t, t)
+        check_like(eps_hat, "model(x_t, t)", x0, "x0")
+        return eps_hat
+
+    return run
 
 
 def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
@@ -309,11 +325,13 @@ def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSc
     noise from ``generator`` as in :func:`q_sample`. Differentiable in model_output and x_t."""
     noisy = not (isinstance(t, numbers.Integral) and t == 0)
     model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
+    backend = resolve_backend(x_t.device, x_t.dtype, OP)
+    if backend == "torch":
+        return composite.ddpm_step(model_output, t, x_t, schedule, noise, generator=generator)
     noise, seed = _noise_and_seed(noise, x_t, generator, noisy)
     return _ddpm_step_op(model_output, t, x_t, noise, seed, schedule.sqrt_alphas_cumprod,
                          schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
-                         schedule.posterior_mean_coef2, schedule.posterior_variance,
-                         resolve_backend(x_t.device, x_t.dtype, "diffusion"))
+                         schedule.posterior_mean_coef2, schedule.posterior_variance, backend)
 
 
 def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
@@ -333,7 +351,9 @@ def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor
     eta = _check_real(eta, "eta")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    backend = resolve_backend(x_t.device, x_t.dtype, OP)
+    if backend == "torch":
+        return composite.ddim_step(model_output, t, t_prev, x_t, schedule, eta, noise, generator=generator)
     noise, seed = _noise_and_seed(noise, x_t, generator, eta > 0)
     return _ddim_step_op(model_output, t, t_prev, x_t, noise, seed, eta, schedule.alphas_cumprod,
-                         schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                         resolve_backend(x_t.device, x_t.dtype, "diffusion"))
+                         schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, backend)

@@ -11,13 +11,15 @@ from torch import Tensor
 
 from .._backend import implementation, resolve_backend
 from .._rng import draw
+from .._shared import compute_dtype
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
-from ..reference import compute_dtype
-from ..reference import gradient_penalty as ref
+from ..composite import gradient_penalty as composite
+
+OP = "gradient_penalty"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
 
 
 def _impl(backend: str):
-    return implementation(backend, ref, "gradient_penalty")
+    return implementation(backend, OP)
 
 
 # ---- interpolation: x̂ = fake + α_b·(real − fake) ------------------------------------------------------------
@@ -118,15 +120,18 @@ def _check_weight(weight) -> float:
     return float(weight)
 
 
+def _check_alpha(alpha, real: Tensor) -> None:
+    if alpha is not None:
+        check_like(alpha, "alpha", real, "real", shape=(real.shape[0],))
+        if alpha.requires_grad:
+            raise ValueError("alpha must not require grad: the penalty is not differentiated with respect to α")
+
+
 def _alpha(alpha, real: Tensor, generator) -> Tensor:
     """α of shape (B,) in the compute dtype, contiguous: the given one, else U(0, 1) drawn from ``generator``."""
     dtype = compute_dtype(real)
-    batch = real.shape[0]
     if alpha is None:
-        return draw(torch.rand, batch, dtype=dtype, device=real.device, generator=generator)
-    check_like(alpha, "alpha", real, "real", shape=(batch,))
-    if alpha.requires_grad:
-        raise ValueError("alpha must not require grad: the penalty is not differentiated with respect to α")
+        return draw(torch.rand, real.shape[0], dtype=dtype, device=real.device, generator=generator)
     return alpha.to(dtype).contiguous()
 
 
@@ -148,11 +153,15 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     check_like(fake, "fake", real, "real")
     weight = _check_weight(weight)
     check_generator(generator, real.device)
+    _check_alpha(alpha, real)
     dtype = torch.promote_types(real.dtype, fake.dtype)
+    backend = resolve_backend(real.device, dtype, OP)
+    if backend == "torch":
+        return composite.gradient_penalty(critic, real.to(dtype), fake, weight=weight, alpha=alpha,
+                                          generator=generator)
     real = batch_major(real.to(dtype))
     fake = match_layout(fake, real, dtype=dtype)
     alpha = _alpha(alpha, real, generator)
-    backend = resolve_backend(real.device, dtype, "gradient_penalty")
     x_hat = _interpolate_op(real, fake, alpha, backend)
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():  # under no_grad the value is still wanted, and it needs g

@@ -10,17 +10,12 @@ import math
 
 import torch
 
-from . import compute_dtype
+from .._shared import compute_dtype, penalty_scale
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The (B,) tensor ``v`` shaped (B, 1, ..., 1) to broadcast against ``like``."""
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-def penalty_scale(weight: float, batch: int) -> float:
-    """weight / B, the factor of Σ_b(‖g_b‖ − 1)² (an empty batch divides by 1: its penalty is 0, not NaN)."""
-    return weight / max(batch, 1)
 
 
 def interpolate(real, fake, alpha):

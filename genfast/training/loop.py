@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 import genfast
-from .._backend import unavailable_reason
+from .._backend import why_not
 from ..checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..plots import plot_losses
 from .config import RunConfig, UsageError
@@ -145,7 +145,7 @@ def _train(config: RunConfig, world: World) -> RunResult:
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--resume: {exc}") from None
     device = resolve_device(config.device, world)
-    reason = unavailable_reason(config.backend, device)
+    reason = why_not(config.backend, device)
     if reason is not None:
         raise UsageError(f"--backend {config.backend} is not available: {reason}")
     if config.batch_size % world.size:

@@ -25,8 +25,8 @@ import math
 
 import torch
 
+from .._shared import compute_dtype, optional_grad
 from .._validation import match_layout
-from . import compute_dtype
 
 
 def _per_channel(t, x, dtype, default):
@@ -52,12 +52,6 @@ def _pre_activation(xhat, weight, bias, scale, shift, dtype):
     n = xhat * _per_channel(weight, xhat, dtype, 1.0) + _per_channel(bias, xhat, dtype, 0.0)
     gain = 1.0 + _per_channel(scale, xhat, dtype, 0.0)
     return n, gain, n * gain + _per_channel(shift, xhat, dtype, 0.0)
-
-
-def input_grad(value, t, x):
-    """The gradient ``value`` of the optional input ``t`` in t's dtype; an empty tensor where t is absent (the
-    backward op returns tensors only)."""
-    return x.new_empty(0) if t is None else value.to(t.dtype)
 
 
 def group_norm_silu(x, weight, bias, add, scale, shift, num_groups: int, eps: float, silu: bool):
@@ -99,9 +93,9 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
     dx = dx.reshape(x.shape)
     return (
         match_layout(dx, x, dtype=x.dtype),
-        input_grad(over_space(dn * xhat).sum(0), weight, x),
-        input_grad(over_space(dn).sum(0), bias, x),
-        input_grad(over_space(dx), add, x),
-        input_grad(over_space(dm * n), scale, x),
-        input_grad(over_space(dm), shift, x),
+        optional_grad(over_space(dn * xhat).sum(0), weight, x),
+        optional_grad(over_space(dn).sum(0), bias, x),
+        optional_grad(over_space(dx), add, x),
+        optional_grad(over_space(dm * n), scale, x),
+        optional_grad(over_space(dm), shift, x),
     )

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import compute_dtype
+from .._shared import compute_dtype
 from .random import noise_like
 
 

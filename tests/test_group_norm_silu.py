@@ -9,7 +9,7 @@ from torch import nn
 
 import genfast
 import genfast.kernels.group_norm_silu as K
-from genfast.ops.group_norm import _group_norm_silu_backward_op, _group_norm_silu_op
+from genfast.ops.group_norm_silu import _group_norm_silu_backward_op, _group_norm_silu_op
 from genfast._backend import unavailable_reason
 from tolerances import assert_close
 

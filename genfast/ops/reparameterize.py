@@ -8,13 +8,15 @@ from torch import Tensor
 
 from .._backend import implementation, resolve_backend
 from .._rng import draw_seed
+from .._shared import compute_dtype
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
-from ..reference import compute_dtype
-from ..reference import vae as ref
+from ..composite import reparameterize as composite
+
+OP = "reparameterize"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
 
 
 def _impl(backend: str):
-    return implementation(backend, ref, "reparameterize")
+    return implementation(backend, OP)
 
 
 @torch.library.custom_op("genfast::reparameterize_kl", mutates_args=())
@@ -65,20 +67,27 @@ def _backward(ctx, grad_z, grad_kl):
 _reparameterize_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _prepare(mu, logvar, noise, generator, *, need_noise: bool):
+def _check(mu, logvar, noise, generator) -> str:
+    """Checks the arguments; returns the backend."""
     check_float_tensor(mu, "mu", min_dim=1)
     check_like(logvar, "logvar", mu, "mu", same_dtype=True)
+    if noise is not None:
+        check_like(noise, "noise", mu, "mu")
+    check_generator(generator, mu.device)
+    return resolve_backend(mu.device, mu.dtype, OP)
+
+
+def _fused(mu, logvar, noise, generator, backend, want_z: bool, want_kl: bool):
+    """The registered op on batch-major tensors, with a fresh Philox seed when z needs noise."""
     mu = batch_major(mu)
     logvar = match_layout(logvar, mu)
     if noise is not None:
-        check_like(noise, "noise", mu, "mu")
         noise = match_layout(noise, mu, dtype=mu.dtype)
-    check_generator(generator, mu.device)
-    if need_noise and noise is None:
+    if want_z and noise is None:
         seed = draw_seed(mu.device, generator)
     else:
         seed = torch.zeros(2, dtype=torch.int64, device=mu.device)
-    return mu, logvar, noise, seed, resolve_backend(mu.device, mu.dtype, "reparameterize")
+    return _reparameterize_kl_op(mu, logvar, noise, seed, want_z, want_kl, backend)
 
 
 def reparameterize_kl(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,
@@ -86,19 +95,25 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None
     """(z, kl) in one pass: z = μ + exp(½·logvar)·ε and kl = ½·Σ(μ² + e^logvar − 1 − logvar) over all dims but the
     first, shape (B,), fp32. ε is ``noise`` when given, else Philox noise drawn in the kernel from a seed taken
     from ``generator`` (torch's default when None) and regenerated in the backward, never stored."""
-    mu, logvar, noise, seed, backend = _prepare(mu, logvar, noise, generator, need_noise=True)
-    return _reparameterize_kl_op(mu, logvar, noise, seed, True, True, backend)
+    backend = _check(mu, logvar, noise, generator)
+    if backend == "torch":
+        return composite.reparameterize_kl(mu, logvar, noise, generator=generator)
+    return _fused(mu, logvar, noise, generator, backend, True, True)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,
                    generator: Optional[torch.Generator] = None) -> Tensor:
     """z = μ + exp(½·logvar)·ε, with ε as in :func:`reparameterize_kl`."""
-    mu, logvar, noise, seed, backend = _prepare(mu, logvar, noise, generator, need_noise=True)
-    return _reparameterize_kl_op(mu, logvar, noise, seed, True, False, backend)[0]
+    backend = _check(mu, logvar, noise, generator)
+    if backend == "torch":
+        return composite.reparameterize(mu, logvar, noise, generator=generator)
+    return _fused(mu, logvar, noise, generator, backend, True, False)[0]
 
 
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(μ, σ²) ‖ N(0, I)) = ½·Σ(μ² + e^logvar − 1 − logvar), summed over every dim but the first: shape (B,),
     fp32 (fp64 for fp64 inputs)."""
-    mu, logvar, noise, seed, backend = _prepare(mu, logvar, None, None, need_noise=False)
-    return _reparameterize_kl_op(mu, logvar, noise, seed, False, True, backend)[1]
+    backend = _check(mu, logvar, None, None)
+    if backend == "torch":
+        return composite.gaussian_kl(mu, logvar)
+    return _fused(mu, logvar, None, None, backend, False, True)[1]

@@ -8,15 +8,16 @@ import torch
 from torch import Tensor
 
 from .._backend import implementation, resolve_backend
+from .._shared import compute_dtype
 from .._validation import check_float_tensor, check_like, match_layout
-from ..reference import group_norm as ref
-from ..reference import compute_dtype
+from ..composite import group_norm_silu as composite
 
+OP = "group_norm_silu"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
 ACTIVATIONS = ("silu", None)
 
 
 def _impl(backend: str):
-    return implementation(backend, ref, "group_norm_silu")
+    return implementation(backend, OP)
 
 
 @torch.library.custom_op("genfast::group_norm_silu", mutates_args=())
@@ -130,7 +131,10 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     gradient. Statistics in fp32 (fp64 for fp64 inputs); y in x's dtype and memory format: NCHW and channels_last
     are read in place, other strided inputs are copied first."""
     _check_args(x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    backend = resolve_backend(x.device, x.dtype, OP)
+    if backend == "torch":
+        return composite.group_norm_silu(x, num_groups, weight, bias, eps, add=add, scale=scale, shift=shift,
+                                         activation=activation)
     x = _kernel_layout(x)
-    backend = resolve_backend(x.device, x.dtype, "group_norm_silu")
     return _group_norm_silu_op(x, weight, bias, add, scale, shift, num_groups, float(eps), activation == "silu",
                                backend)[0]
