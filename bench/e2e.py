@@ -1,10 +1,14 @@
 """End-to-end: one training step (forward, backward, Adam) of the VAE, WGAN-GP and DDPM U-Net models of
 ``genfast.models``, per implementation:
 
-- ``eager``: the models on genfast's "reference" backend (pure PyTorch; its noise is the Philox stream computed
-  with PyTorch ops, slower than ``torch.randn``), no compile;
-- ``genfast-<backend>``: the models on each other usable backend (Triton on CUDA, C++ on the CPU when built);
+- ``eager``: the models on genfast's "torch" backend: every op is the plain PyTorch composite of
+  ``genfast.composite`` (``torch.randn`` noise, ``F.group_norm`` → ``F.silu``, the autograd penalty), the code a
+  user writes without genfast;
+- ``genfast-<backend>``: the models on each fast backend (Triton on CUDA, C++ on the CPU when built; the
+  "reference" backend only where neither runs);
 - ``compile`` and ``genfast-<backend>+compile``: the same with the model code under ``torch.compile``.
+
+The implementations of one model are timed in turns (``runner.measure_group``).
 
 A WGAN-GP step is one critic step (Wasserstein loss + gradient penalty, weight 10) and one generator step. The
 penalty differentiates the critic twice, which AOTAutograd does not support, so under ``torch.compile`` only the
@@ -22,9 +26,10 @@ import genfast
 from genfast import models
 
 from .ops import Case
-from .runner import COMPILE, EAGER, Row, fill, genfast_impl
+from .runner import COMPILE, EAGER, Row, fast_backends, genfast_impl, measure_group
 
 MODE = "train-step"
+BASELINE = "torch"  # the backend of the eager and compile rows: genfast.composite, the code a user writes
 
 
 @dataclass(frozen=True)
@@ -114,24 +119,31 @@ def _ddpm_step(size: ModelSize, device, compile_it: bool) -> Callable[[], None]:
 
 
 STEPS = {"vae": _vae_step, "wgan_gp": _wgan_step, "ddpm": _ddpm_step}
+WARMUP_CALLS = 2  # the first compiles (and creates the optimizer state); a second call catches a recompile
 
 
 def e2e_impls(backends: list[str], *, compile_too: bool) -> list[str]:
-    """eager, genfast-<b> for each fast backend, and (with ``compile_too``) their compiled variants."""
-    fast = [genfast_impl(b) for b in backends if b != "reference"]
+    """eager, genfast-<b> for each fast backend (``runner.fast_backends``), and (with ``compile_too``) compile and
+    the genfast variants compiled."""
+    fast = [genfast_impl(b) for b in fast_backends(backends)]
     impls = [EAGER] + fast
     if compile_too:
         impls += [COMPILE] + [f"{impl}+compile" for impl in fast]
     return impls
 
 
+def backend_of(impl: str) -> str:
+    """The genfast backend an implementation runs the models on: "torch" (the plain composites) for eager and
+    compile, else the one in its name."""
+    base = impl.removesuffix("+compile")
+    return BASELINE if base in (EAGER, COMPILE) else base.removeprefix("genfast-")
+
+
 def _build(name: str, size: ModelSize, impl: str, device) -> Callable[[], None]:
-    """The step for ``impl``, run under its backend (the backend is read when an op is called or traced)."""
+    """The step for ``impl``, run under its backend (the backend is read when an op is called or traced; dynamo
+    guards on it, so compiled steps of different backends keep separate graphs)."""
     compile_it = impl == COMPILE or impl.endswith("+compile")
-    base = EAGER if impl == COMPILE else impl.removesuffix("+compile")
-    backend = "reference" if base == EAGER else base.removeprefix("genfast-")
-    if compile_it:
-        torch._dynamo.reset()
+    backend = backend_of(impl)
     with genfast.use_backend(backend):
         step = STEPS[name](size, device, compile_it)
 
@@ -139,14 +151,19 @@ def _build(name: str, size: ModelSize, impl: str, device) -> Callable[[], None]:
         with genfast.use_backend(backend):
             step()
 
-    run()  # the first step: compilation, optimizer state
+    for _ in range(WARMUP_CALLS):
+        run()
     return run
 
 
-def measure(name: str, size: ModelSize, impl: str, device: torch.device, *, threads: int,
-            min_run_time: float) -> Row:
-    """Times one training step of model ``name`` under ``impl``; the row's case is the model's input shape."""
-    case = Case(op=f"train/{name}", shape=(size.batch, 3, size.image_size, size.image_size), mode=MODE)
-    row = Row(case=case, impl=impl, bytes=0)
-    return fill(row, functools.partial(_build, name, size, impl, device), device, threads=threads,
-                min_run_time=min_run_time)
+def case_of(name: str, size: ModelSize) -> Case:
+    """A training step's row family: the model's name and its input shape."""
+    return Case(op=f"train/{name}", shape=(size.batch, 3, size.image_size, size.image_size), mode=MODE)
+
+
+def measure(name: str, size: ModelSize, impls: list[str], device: torch.device, *, threads: int,
+            min_run_time: float, rounds: int) -> list[Row]:
+    """Times one training step of model ``name`` under each of ``impls``, in turns."""
+    builds = {impl: functools.partial(_build, name, size, impl, device) for impl in impls}
+    return measure_group(case_of(name, size), builds, device, nbytes=0, threads=threads, min_run_time=min_run_time,
+                         rounds=rounds)

@@ -1,6 +1,9 @@
-"""The per-op cases: for each fused op, the eager PyTorch formula written the ordinary way, the genfast call, the
-shapes (from real models), and the minimal bytes a pass must move (the one place the byte formulas live; README
-restates them).
+"""The per-op cases: for each fused op, the eager baseline, the genfast call, the shapes (from real models), and the
+minimal bytes a pass must move (the one place the byte formulas live; README restates them).
+
+The eager baseline is the plain PyTorch composite of ``genfast.composite`` (the code a user writes: ``torch.randn``
+noise, ``F.group_norm`` → ``F.silu``, the autograd penalty), called directly: the same functions the "torch"
+backend runs, so there is one formula per op, not a copy here.
 
 Byte formulas count each tensor the op must read or write once, at the input dtype's itemsize s (N = numel of the
 main tensor, B = batch, C = channels): noise drawn in the kernel is not a tensor and is not counted, nor are the
@@ -15,10 +18,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import genfast
+import genfast.ops.diffusion
+import genfast.ops.gradient_penalty
+import genfast.ops.group_norm_silu
+import genfast.ops.reparameterize
+from genfast.composite import diffusion, gradient_penalty, group_norm_silu, reparameterize
 
 MODES = ("forward", "backward", "forward+backward")
 FP32 = torch.float32
@@ -48,8 +55,9 @@ class Case:
 @dataclass(frozen=True)
 class OpBench:
     """An op under test. ``inputs(case, device, grad)`` builds the tensors (``grad``: the ones in ``grad_names``
-    require grad); ``eager`` and ``genfast`` map them to a tuple of outputs; ``forward_bytes`` and
-    ``backward_bytes`` give the minimal traffic of one pass."""
+    require grad); ``eager`` (the composite) and ``genfast`` (the public op) map them to a tuple of outputs;
+    ``forward_bytes`` and ``backward_bytes`` give the minimal traffic of one pass; ``module`` is the op's name in
+    every layer (``genfast.ops.<module>.OP``: the key of ``genfast._backend.DEVICES``)."""
 
     name: str
     inputs: Callable[[Case, torch.device, bool], dict]
@@ -58,7 +66,7 @@ class OpBench:
     grad_names: tuple
     forward_bytes: Callable[[Case], int]
     backward_bytes: Callable[[Case], int]
-    kernels: str  # the kernel module (kernels/<name>.py, genfast/cpp/<name>.py) that runs it
+    module: str
 
 
 def minimal_bytes(op: OpBench, case: Case) -> int:
@@ -74,11 +82,6 @@ def _numel(case: Case) -> int:
 
 def _itemsize(case: Case) -> int:
     return torch.empty((), dtype=case.dtype).element_size()
-
-
-def _per_sample(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
-    """table[t] as a (B, 1, 1, ...) tensor in like's dtype, to broadcast over a sample."""
-    return table[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,18 +102,11 @@ def _vae_inputs(case, device, grad):
     return dict(mu=_randn(case, device, grad), logvar=_randn(case, device, grad, scale=0.5))
 
 
-def _vae_eager(inp):
-    mu, logvar = inp["mu"], inp["logvar"]
-    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-    return z, kl
-
-
 REPARAMETERIZE_KL = OpBench(
-    kernels="reparameterize",
+    module=genfast.ops.reparameterize.OP,
     name="reparameterize_kl",
     inputs=_vae_inputs,
-    eager=_vae_eager,
+    eager=lambda inp: reparameterize.reparameterize_kl(inp["mu"], inp["logvar"]),
     genfast=lambda inp: genfast.reparameterize_kl(inp["mu"], inp["logvar"]),
     grad_names=("mu", "logvar"),
     forward_bytes=lambda c: 3 * _numel(c) * _itemsize(c) + 4 * c.shape[0],
@@ -127,12 +123,10 @@ def _diffusion_inputs(case, device, grad):
 
 
 def _diffusion_eager(inp):
-    x0, w, schedule = inp["x0"], inp["w"], inp["schedule"]
+    """The composite with t drawn as genfast's diffusion_loss draws it: uniform in [0, T)."""
+    x0, w = inp["x0"], inp["w"]
     t = torch.randint(0, NUM_STEPS, (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
-    x_t = (_per_sample(schedule.sqrt_alphas_cumprod, t, x0) * x0
-           + _per_sample(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
-    return (F.mse_loss(w * x_t, noise),)
+    return (diffusion.diffusion_loss(lambda x_t, t: w * x_t, x0, inp["schedule"], t=t),)
 
 
 def _diffusion_genfast(inp):
@@ -141,13 +135,33 @@ def _diffusion_genfast(inp):
 
 
 DIFFUSION_LOSS = OpBench(
-    kernels="diffusion",
+    module=genfast.ops.diffusion.OP,
     name="diffusion_loss",
     inputs=_diffusion_inputs,
     eager=_diffusion_eager,
     genfast=_diffusion_genfast,
     grad_names=("w",),
     forward_bytes=lambda c: 3 * _numel(c) * _itemsize(c),
+    backward_bytes=lambda c: 2 * _numel(c) * _itemsize(c),
+)
+
+
+# ---- q_sample (diffusers' add_noise): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε -----------------------------------------------
+# forward: read x_0, write x_t (2·N·s); backward: read dx_t, write dx_0 (2·N·s).
+
+def _q_sample_inputs(case, device, grad):
+    t = torch.randint(0, NUM_STEPS, (case.shape[0],), device=device)
+    return dict(x0=_randn(case, device, grad), t=t, schedule=_schedule(device))
+
+
+Q_SAMPLE = OpBench(
+    module=genfast.ops.diffusion.OP,
+    name="q_sample",
+    inputs=_q_sample_inputs,
+    eager=lambda inp: (diffusion.q_sample(inp["x0"], inp["t"], inp["schedule"]),),
+    genfast=lambda inp: (genfast.q_sample(inp["x0"], inp["t"], inp["schedule"]),),
+    grad_names=("x0",),
+    forward_bytes=lambda c: 2 * _numel(c) * _itemsize(c),
     backward_bytes=lambda c: 2 * _numel(c) * _itemsize(c),
 )
 
@@ -160,45 +174,28 @@ def _step_inputs(case, device, grad):
     return dict(eps=_randn(case, device, grad), x_t=_randn(case, device, grad), t=t, schedule=_schedule(device))
 
 
-def _ddpm_eager(inp):
-    eps, x_t, t = inp["eps"], inp["x_t"], inp["t"]
-    s = inp["schedule"]
-    x0_hat = (x_t - _per_sample(s.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / _per_sample(
-        s.sqrt_alphas_cumprod, t, x_t)
-    mean = _per_sample(s.posterior_mean_coef1, t, x_t) * x0_hat + _per_sample(s.posterior_mean_coef2, t, x_t) * x_t
-    return (mean + _per_sample(s.posterior_variance, t, x_t).sqrt() * torch.randn_like(x_t),)
-
-
-def _ddim_eager(inp):
-    """DDIM with η = 0 from t to t − DDIM_STRIDE (t ≥ DDIM_STRIDE, so ᾱ_prev is a table entry)."""
-    eps, x_t, t = inp["eps"], inp["x_t"], inp["t"]
-    s = inp["schedule"]
-    abar_t = _per_sample(s.alphas_cumprod, t, x_t)
-    abar_prev = _per_sample(s.alphas_cumprod, t - DDIM_STRIDE, x_t)
-    x0_hat = (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
-    return (abar_prev.sqrt() * x0_hat + (1 - abar_prev).sqrt() * eps,)
-
-
 def _step_bytes(case):
     return 3 * _numel(case) * _itemsize(case)
 
 
 DDPM_STEP = OpBench(
-    kernels="diffusion",
+    module=genfast.ops.diffusion.OP,
     name="ddpm_step",
     inputs=_step_inputs,
-    eager=_ddpm_eager,
+    eager=lambda inp: (diffusion.ddpm_step(inp["eps"], inp["t"], inp["x_t"], inp["schedule"]),),
     genfast=lambda inp: (genfast.ddpm_step(inp["eps"], inp["t"], inp["x_t"], inp["schedule"]),),
     grad_names=("eps", "x_t"),
     forward_bytes=_step_bytes,
     backward_bytes=_step_bytes,
 )
 
+# DDIM with η = 0 from t to t − DDIM_STRIDE (t ≥ DDIM_STRIDE, so ᾱ_prev is a table entry).
 DDIM_STEP = OpBench(
-    kernels="diffusion",
+    module=genfast.ops.diffusion.OP,
     name="ddim_step",
     inputs=_step_inputs,
-    eager=_ddim_eager,
+    eager=lambda inp: (diffusion.ddim_step(inp["eps"], inp["t"], inp["t"] - DDIM_STRIDE, inp["x_t"],
+                                           inp["schedule"], eta=0.0),),
     genfast=lambda inp: (genfast.ddim_step(inp["eps"], inp["t"], inp["t"] - DDIM_STRIDE, inp["x_t"],
                                            inp["schedule"], eta=0.0),),
     grad_names=("eps", "x_t"),
@@ -233,31 +230,17 @@ def _group_norm_inputs(case, device, grad):
     return inp
 
 
-def _expand(v: Tensor) -> Tensor:
-    return v[:, :, None, None]
-
-
-def _group_norm_eager(inp):
-    x = inp["x"]
-    if "add" in inp:
-        x = x + _expand(inp["add"])
-    h = F.group_norm(x, NUM_GROUPS, inp["weight"], inp["bias"])
-    if "scale" in inp:
-        h = h * (1 + _expand(inp["scale"])) + _expand(inp["shift"])
-    return (F.silu(h),)
-
-
-def _group_norm_genfast(inp):
-    return (genfast.group_norm_silu(inp["x"], NUM_GROUPS, inp["weight"], inp["bias"], add=inp.get("add"),
-                                    scale=inp.get("scale"), shift=inp.get("shift")),)
+def _group_norm_call(fn: Callable) -> Callable[[dict], tuple]:
+    return lambda inp: (fn(inp["x"], NUM_GROUPS, inp["weight"], inp["bias"], add=inp.get("add"),
+                           scale=inp.get("scale"), shift=inp.get("shift")),)
 
 
 GROUP_NORM_SILU = OpBench(
-    kernels="group_norm_silu",
+    module=genfast.ops.group_norm_silu.OP,
     name="group_norm_silu",
     inputs=_group_norm_inputs,
-    eager=_group_norm_eager,
-    genfast=_group_norm_genfast,
+    eager=_group_norm_call(group_norm_silu.group_norm_silu),
+    genfast=_group_norm_call(genfast.group_norm_silu),
     grad_names=("x", "weight", "bias", "add", "scale", "shift"),
     forward_bytes=lambda c: (2 * _numel(c) + _side_numel(c)) * _itemsize(c),
     backward_bytes=lambda c: (3 * _numel(c) + 2 * _side_numel(c)) * _itemsize(c),
@@ -278,30 +261,22 @@ def _critic(w: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda x: 0.5 * (w * x.square()).flatten(1).sum(1)
 
 
-def _penalty_eager(inp):
-    real, fake = inp["real"], inp["fake"]
-    alpha = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
-    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        scores = _critic(inp["w"])(x_hat)
-        (g,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=create_graph)
-    return (PENALTY_WEIGHT * (g.flatten(1).norm(2, dim=1) - 1).pow(2).mean(),)
+def _penalty_call(fn: Callable) -> Callable[[dict], tuple]:
+    return lambda inp: (fn(_critic(inp["w"]), inp["real"], inp["fake"], weight=PENALTY_WEIGHT),)
 
 
 GRADIENT_PENALTY = OpBench(
-    kernels="gradient_penalty",
+    module=genfast.ops.gradient_penalty.OP,
     name="gradient_penalty",
     inputs=_penalty_inputs,
-    eager=_penalty_eager,
-    genfast=lambda inp: (genfast.gradient_penalty(_critic(inp["w"]), inp["real"], inp["fake"],
-                                                  weight=PENALTY_WEIGHT),),
+    eager=_penalty_call(gradient_penalty.gradient_penalty),
+    genfast=_penalty_call(genfast.gradient_penalty),
     grad_names=("w",),
     forward_bytes=lambda c: 4 * _numel(c) * _itemsize(c),
     backward_bytes=lambda c: 2 * _numel(c) * _itemsize(c),
 )
 
-OPS = {op.name: op for op in (REPARAMETERIZE_KL, DIFFUSION_LOSS, DDPM_STEP, DDIM_STEP, GROUP_NORM_SILU,
+OPS = {op.name: op for op in (REPARAMETERIZE_KL, DIFFUSION_LOSS, Q_SAMPLE, DDPM_STEP, DDIM_STEP, GROUP_NORM_SILU,
                               GRADIENT_PENALTY)}
 
 
@@ -319,7 +294,8 @@ def full_cases() -> list[Case]:
     cases = []
     for mode in MODES:
         cases += [Case("reparameterize_kl", s, mode) for s in VAE_SHAPES]
-        cases += [Case(op, s, mode) for op in ("diffusion_loss", "ddpm_step", "ddim_step") for s in IMAGE_SHAPES]
+        cases += [Case(op, s, mode) for op in ("diffusion_loss", "q_sample", "ddpm_step", "ddim_step")
+                  for s in IMAGE_SHAPES]
         cases += [Case("group_norm_silu", s, mode, variant, layout)
                   for s in UNET_SHAPES for variant in GROUP_NORM_VARIANTS for layout in LAYOUTS]
         cases += [Case("gradient_penalty", s, mode) for s in CRITIC_SHAPES]
@@ -342,6 +318,7 @@ def quick_cases() -> list[Case]:
         Case("group_norm_silu", (8, 128, 64, 64), "forward+backward", "scale_shift", "nchw"),
         Case("reparameterize_kl", (4096, 512), "forward"),
         Case("diffusion_loss", (64, 3, 64, 64), "forward"),
+        Case("q_sample", (64, 3, 64, 64), "forward"),
         Case("ddpm_step", (64, 3, 64, 64), "forward"),
         Case("ddim_step", (64, 3, 64, 64), "forward"),
         Case("gradient_penalty", (64, 3, 64, 64), "forward+backward"),
@@ -353,4 +330,5 @@ QUICK_COMPILE_CASES = (
     Case("group_norm_silu", (8, 128, 64, 64), "forward+backward", "plain", "nchw"),
     Case("reparameterize_kl", (4096, 512), "forward+backward"),
     Case("diffusion_loss", (64, 3, 64, 64), "forward+backward"),
+    Case("q_sample", (64, 3, 64, 64), "forward"),
 )

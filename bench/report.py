@@ -3,6 +3,7 @@ plots of one run."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -42,8 +43,30 @@ def _git_commit() -> Optional[str]:
     return commit + ("-dirty" if dirty else "")
 
 
+def _tree_digest() -> Optional[str]:
+    """A short SHA-256 of the uncommitted state of the checkout (``git diff HEAD`` plus the untracked files, the
+    committed results left out): two runs with the same commit and digest measured the same code. None outside git."""
+    try:
+        root = subprocess.run(["git", "-C", str(BENCH_DIR), "rev-parse", "--show-toplevel"], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+        git, results = ["git", "-C", root], ":(exclude)bench/results"  # pathspecs relative to the root
+        diff = subprocess.run(git + ["diff", "HEAD", "--binary", "--", results], capture_output=True, check=True,
+                              timeout=60).stdout
+        untracked = subprocess.run(git + ["ls-files", "--others", "--exclude-standard", "-z", "--", results],
+                                   capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    digest = hashlib.sha256(diff)
+    for name in sorted(n for n in untracked.decode().split("\0") if n):
+        path = Path(root) / name
+        digest.update(name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()[:12]
+
+
 def machine_info(device: torch.device, threads: int) -> dict:
-    """CPU model and cores, GPU name, torch / Triton versions, git commit, timing threads."""
+    """CPU model and cores, GPU name, torch / Triton versions, git commit and the digest of uncommitted changes,
+    timing threads."""
     try:
         import triton
 
@@ -54,6 +77,7 @@ def machine_info(device: torch.device, threads: int) -> dict:
         device=str(device), cpu=_cpu_model(), cores=os.cpu_count(), threads=threads,
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         torch=torch.__version__, triton=triton_version, python=platform.python_version(), commit=_git_commit(),
+        tree=_tree_digest(),
     )
 
 
@@ -104,7 +128,9 @@ def _record(row: Row, fig: Figures) -> dict:
         median_ms=_scaled(row.median_s, 1e3), iqr_ms=_scaled(row.iqr_s, 1e3), runs=row.runs, gbps=fig.gbps,
         fraction_of_peak=fig.fraction_of_peak, vs_eager=fig.vs_eager, vs_compile=fig.vs_compile,
         steps_per_s=fig.steps_per_s, peak_memory_mb=_scaled(row.peak_memory_bytes, 2.0 ** -20),
-        kernel_launches=row.kernel_launches, first_call_s=row.first_call_s, error=row.error,
+        kernel_launches=row.kernel_launches, first_call_s=row.first_call_s, load_average=row.load_average,
+        other_cores=row.other_cores, attempts=row.attempts,
+        error=row.error,
     )
 
 
@@ -121,7 +147,7 @@ def _fmt(value, spec: str) -> str:
 
 
 TABLE_COLUMNS = ("case", "impl", "median ms", "IQR ms", "GB/s", "% peak", "x eager", "x compile", "steps/s",
-                 "peak MB", "launches")
+                 "peak MB", "others", "launches")
 
 
 def table(recs: list[dict], *, launches: bool) -> str:
@@ -137,7 +163,7 @@ def table(recs: list[dict], *, launches: bool) -> str:
         cells = (case, r["impl"], _fmt(r["median_ms"], ".3f"), _fmt(r["iqr_ms"], ".3f"), _fmt(r["gbps"], ".2f"),
                  _fmt(r["fraction_of_peak"] and 100 * r["fraction_of_peak"], ".0f"), _fmt(r["vs_eager"], ".2f"),
                  _fmt(r["vs_compile"], ".2f"), _fmt(r["steps_per_s"], ".2f"), _fmt(r["peak_memory_mb"], ".1f"),
-                 _fmt(r["kernel_launches"], "d"))
+                 _fmt(r["other_cores"], ".1f"), _fmt(r["kernel_launches"], "d"))
         lines.append(cells[:len(columns)])
     widths = [max([len(columns[i])] + [len(l[i]) for l in lines if len(l) == len(columns)])
               for i in range(len(columns))]
@@ -155,7 +181,7 @@ def write_json(path: Path, info: dict, recs: list[dict]) -> None:
     path.write_text(json.dumps(dict(info, rows=recs), indent=1) + "\n", encoding="utf-8")
 
 
-MACHINE_COLUMNS = ("device", "cpu", "cores", "threads", "gpu", "torch", "triton", "commit")
+MACHINE_COLUMNS = ("device", "cpu", "cores", "threads", "gpu", "torch", "triton", "commit", "tree")
 
 
 def write_csv(path: Path, machine: dict, recs: list[dict]) -> None:
@@ -173,43 +199,53 @@ def _case_label(r: dict) -> str:
     return " ".join([r["op"]] + parts + [r["shape"], r["mode"]])
 
 
-def plot(recs: list[dict], peak_gbps: float, stem: Path) -> list[Path]:
-    """Two horizontal bar charts per run (matplotlib Agg, log scale): speed-up over eager per case and
-    implementation, and achieved bandwidth with the measured copy bandwidth as a line. Returns the PNG paths."""
+def _bar_chart(ok: list[dict], key: str, title: str, xlabel: str, line: tuple, path: Path) -> None:
+    """One horizontal bar chart (log scale) of ``key`` per case label and implementation, a vertical line at
+    ``line`` = (x, label or None)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = list(dict.fromkeys(_case_label(r) for r in ok))
+    impls = list(dict.fromkeys(r["impl"] for r in ok))
+    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.14 * len(labels) * max(2, len(impls))))
+    height = 0.8 / max(1, len(impls))
+    for j, impl in enumerate(impls):
+        values = {_case_label(r): r[key] for r in ok if r["impl"] == impl}
+        ys = [i + j * height for i, lab in enumerate(labels) if values.get(lab) is not None]
+        xs = [values[lab] for lab in labels if values.get(lab) is not None]
+        ax.barh(ys, xs, height=height, label=impl)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    x, label = line
+    ax.axvline(x, color="black", linestyle="-" if label is None else "--", linewidth=0.8, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(recs: list[dict], peak_gbps: float, stem: Path) -> list[Path]:
+    """Up to two horizontal bar charts per run (matplotlib Agg, log scale): ``…-speedup.png``, the speed-up over
+    eager per case and implementation (every row with an eager baseline: ops, training steps, diffusers models),
+    and ``…-bandwidth.png``, the achieved bandwidth of the per-op rows with the measured copy bandwidth as a line.
+    A chart with nothing to show is not written. Returns the PNG paths."""
     ok = [r for r in recs if not r["error"] and r["median_ms"] is not None]
-    labels = list(dict.fromkeys(_case_label(r) for r in ok if r["bytes"]))
-    impls = list(dict.fromkeys(r["impl"] for r in ok if r["bytes"]))
+    speedups = [r for r in ok if r["impl"] != EAGER and r["vs_eager"] is not None]
+    bandwidths = [r for r in ok if r["gbps"] is not None]
     paths = []
-    for key, title, xlabel, name in (
-        ("vs_eager", "speed-up over eager PyTorch (>1 is faster)", "eager time / time", "speedup"),
-        ("gbps", "achieved bandwidth (minimal bytes / median time)", "GB/s", "bandwidth"),
+    for chosen, key, title, xlabel, line, name in (
+        (speedups, "vs_eager", "speed-up over eager PyTorch (>1 is faster)", "eager time / time", (1.0, None),
+         "speedup"),
+        (bandwidths, "gbps", "achieved bandwidth (minimal bytes / median time)", "GB/s",
+         (peak_gbps, f"copy {peak_gbps:.1f} GB/s"), "bandwidth"),
     ):
-        shown = [i for i in impls if not (key == "vs_eager" and i == EAGER)]
-        fig, ax = plt.subplots(figsize=(10, 1.5 + 0.14 * len(labels) * max(2, len(shown))))
-        height = 0.8 / max(1, len(shown))
-        for j, impl in enumerate(shown):
-            values = {_case_label(r): r[key] for r in ok if r["impl"] == impl and r["bytes"]}
-            ys = [i + j * height for i, lab in enumerate(labels) if values.get(lab) is not None]
-            xs = [values[lab] for lab in labels if values.get(lab) is not None]
-            ax.barh(ys, xs, height=height, label=impl)
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        if key == "vs_eager":
-            ax.axvline(1.0, color="black", linewidth=0.8)
-        else:
-            ax.axvline(peak_gbps, color="black", linestyle="--", linewidth=0.8, label=f"copy {peak_gbps:.1f} GB/s")
-        ax.set_xlabel(xlabel)
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}-{name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        if chosen:
+            path = stem.with_name(f"{stem.name}-{name}.png")
+            _bar_chart(chosen, key, title, xlabel, line, path)
+            paths.append(path)
     return paths

@@ -1,8 +1,11 @@
-"""Runs the per-op cases: which implementations to time on a device, the callables for each mode, and one result
-row per (case, implementation)."""
+"""Runs the cases: which genfast backends to time on a device (``genfast._backend.why_not``), the callables for each
+per-op mode, and one result row per (case, implementation), the implementations of a case timed in turns. The
+end-to-end and diffusers rows (bench/e2e.py, bench/integrations.py) go through :func:`measure_group` too."""
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -13,24 +16,28 @@ import genfast
 from genfast import _backend
 
 from .ops import OPS, Case, OpBench, minimal_bytes
-from .timing import input_copies, profile_call, time_call
+from .timing import OtherLoad, input_copies, profile_call, time_interleaved
 
 EAGER, COMPILE = "eager", "compile"
 
 
 def genfast_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
-    """(the genfast backends to time on ``device``, {skipped backend: why}), discovered from
-    ``genfast._backend.BACKENDS`` at run time. "auto" is skipped as a duplicate of a concrete backend, and "triton"
-    on the CPU, which is the interpreter: a test tool, not a speed-up."""
+    """(the genfast backends to time on ``device``, {skipped backend: why}), from ``genfast._backend.BACKENDS`` and
+    its table ``why_not`` at run time. Skipped: "auto" (a duplicate of a concrete backend), "torch" (the plain
+    PyTorch composites: they are the eager baseline itself), and "triton" on the CPU (the interpreter, a test tool).
+    """
     usable, skipped = [], {}
     for name in _backend.BACKENDS:
         if name == "auto":
             skipped[name] = "a duplicate: it resolves to one of the others"
             continue
+        if name == "torch":
+            skipped[name] = "the plain PyTorch composites: the eager and compile rows are this code"
+            continue
         if name == "triton" and device.type == "cpu":
             skipped[name] = "on the CPU it is the Triton interpreter, a test tool"
             continue
-        reason = _backend.unavailable_reason(name, device)
+        reason = _backend.why_not(name, device)
         if reason is None:
             usable.append(name)
         else:
@@ -38,14 +45,18 @@ def genfast_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     return usable, skipped
 
 
-def runs_op(backend: str, kernels: str, device: torch.device) -> bool:
-    """Whether ``backend`` has kernels for an op of the kernel module ``kernels`` on ``device``: the C++ backend
-    has only GroupNorm+SiLU on CUDA, every other backend that is usable at all runs every op."""
-    if backend != "cpp":
-        return True
-    from genfast import cpp
+def runs_op(backend: str, module: str, device: torch.device) -> bool:
+    """Whether ``backend`` has kernels for the op module ``module`` (one of ``genfast._backend.OPS``) on
+    ``device``: ``why_not`` with the op, which reads ``genfast._backend.DEVICES`` (e.g. "cpp" has only
+    GroupNorm+SiLU on CUDA)."""
+    return _backend.why_not(backend, device, op=module) is None
 
-    return cpp.has_kernels(kernels, device.type)
+
+def fast_backends(backends: list[str]) -> list[str]:
+    """The backends a comparison times: not the "reference" backend (the PyTorch oracle, slow by design: its noise
+    is Philox computed with int64 PyTorch ops) unless no other backend runs, so that there is still a genfast row."""
+    fast = [b for b in backends if b != "reference"]
+    return fast or list(backends)
 
 
 def first_line(text: str, limit: int = 160) -> str:
@@ -71,6 +82,9 @@ class Row:
     first_call_s: Optional[float] = None
     peak_memory_bytes: Optional[int] = None
     kernel_launches: Optional[int] = None
+    load_average: Optional[float] = None  # the machine's 1-minute load average when the case started
+    other_cores: Optional[float] = None  # mean cores other processes kept busy during the case's timed rounds
+    attempts: int = 1  # times the case was timed (see ``cli --retry-busy``); the row is the least disturbed one
     error: Optional[str] = None
 
 
@@ -120,12 +134,12 @@ def make_call(op: OpBench, case: Case, fn: Callable[[dict], tuple], device: torc
 
 
 def implementation(op: OpBench, impl: str) -> Callable[[dict], tuple]:
-    """The function an implementation name stands for: the eager formula, torch.compile of it, or genfast's op
-    under one backend."""
+    """The function an implementation name stands for: the eager composite (``genfast.composite``, the code a user
+    writes), torch.compile of it, or genfast's public op under one backend. The caller resets dynamo once per case
+    (:func:`measure_group`), not here: a case's implementations are timed in turns and must keep their compiles."""
     if impl == EAGER:
         return op.eager
     if impl == COMPILE:
-        torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no cache shared between rows
         return torch.compile(op.eager)
     backend = impl.removeprefix("genfast-")
 
@@ -136,28 +150,59 @@ def implementation(op: OpBench, impl: str) -> Callable[[dict], tuple]:
     return run
 
 
-def fill(row: Row, build: Callable[[], Callable[[], object]], device: torch.device, *, threads: int,
-         min_run_time: float) -> Row:
-    """Fills ``row``: ``build()`` returns the timed callable (its set-up and first call are ``first_call_s``), which
-    is timed and then profiled once more. An exception becomes the row's ``error``: one failing row (a compile
-    torch does not support, an out-of-memory) must not end the run."""
-    torch.manual_seed(0)
-    try:
-        start = time.perf_counter()
-        call = build()
-        row.first_call_s = time.perf_counter() - start
-        timing = time_call(call, device, threads=threads, min_run_time=min_run_time)
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {first_line(str(exc))}"
+
+
+def measure_group(case: Case, builds: dict[str, Callable[[], Callable[[], object]]], device: torch.device, *,
+                  nbytes: int, threads: int, min_run_time: float, rounds: int) -> list[Row]:
+    """One row per implementation of ``case``: ``builds[impl]()`` returns its timed callable (set-up and first call:
+    ``first_call_s``); the callables are then timed in turns (:func:`timing.time_interleaved`) and each profiled
+    once more. An exception becomes that row's ``error``: one failing implementation (a compile torch does not
+    support, an out-of-memory) must not end the case or the run."""
+    torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no cache shared between cases
+    load = os.getloadavg()[0]
+    rows = {impl: Row(case=case, impl=impl, bytes=nbytes, load_average=load) for impl in builds}
+    calls = {}
+    for impl, build in builds.items():
+        torch.manual_seed(0)
+        try:
+            start = time.perf_counter()
+            calls[impl] = build()
+            rows[impl].first_call_s = time.perf_counter() - start
+        except Exception as exc:
+            rows[impl].error = _error(exc)
+    with OtherLoad() as others:
+        timings, errors = time_interleaved(calls, device, threads=threads, min_run_time=min_run_time, rounds=rounds)
+    for row in rows.values():
+        row.other_cores = others.cores
+    for impl, exc in errors.items():
+        rows[impl].error = _error(exc)
+    for impl, timing in timings.items():
+        row = rows[impl]
         row.median_s, row.iqr_s, row.runs = timing.median, timing.iqr, timing.runs
-        profiled = profile_call(call, device)
-        row.peak_memory_bytes, row.kernel_launches = profiled.peak_bytes, profiled.kernel_launches
-    except Exception as exc:
-        row.error = f"{type(exc).__name__}: {first_line(str(exc))}"
-    return row
+        try:
+            profiled = profile_call(calls[impl], device)
+            row.peak_memory_bytes, row.kernel_launches = profiled.peak_bytes, profiled.kernel_launches
+        except Exception as exc:
+            row.error = _error(exc)
+    return list(rows.values())
 
 
-def measure(case: Case, impl: str, device: torch.device, *, threads: int, min_run_time: float) -> Row:
-    """Times and profiles one (per-op case, implementation)."""
+def _build_op(op: OpBench, case: Case, impl: str, device: torch.device) -> Callable[[], object]:
+    return make_call(op, case, implementation(op, impl), device)
+
+
+def measure_case(case: Case, impls: list[str], device: torch.device, *, threads: int, min_run_time: float,
+                 rounds: int) -> list[Row]:
+    """Times and profiles the implementations ``impls`` of one per-op case, in turns."""
     op = OPS[case.op]
-    row = Row(case=case, impl=impl, bytes=minimal_bytes(op, case))
-    return fill(row, lambda: make_call(op, case, implementation(op, impl), device), device, threads=threads,
-                min_run_time=min_run_time)
+    builds = {impl: functools.partial(_build_op, op, case, impl, device) for impl in impls}
+    return measure_group(case, builds, device, nbytes=minimal_bytes(op, case), threads=threads,
+                         min_run_time=min_run_time, rounds=rounds)
+
+
+def measure(case: Case, impl: str, device: torch.device, *, threads: int, min_run_time: float,
+            rounds: int = 3) -> Row:
+    """Times and profiles one (per-op case, implementation)."""
+    return measure_case(case, [impl], device, threads=threads, min_run_time=min_run_time, rounds=rounds)[0]

@@ -1,8 +1,9 @@
 """genfast: fused kernels for training and sampling VAEs, WGAN-GP and DDPM diffusion models.
 
 Every op has a pure-PyTorch reference (``genfast.reference``) that is the fallback on any device and the oracle
-the Triton kernels (``genfast.kernels``) are tested against. Select the implementation with
-:func:`set_backend` / :func:`use_backend` or ``$GENFAST_BACKEND``.
+the Triton kernels (``genfast.kernels``) and the C++ kernels (``csrc/``) are tested against, and a plain PyTorch
+composite (``genfast.composite``, the "torch" backend) that is the baseline of the benchmarks. Select the
+implementation with :func:`set_backend` / :func:`use_backend` or ``$GENFAST_BACKEND``.
 """
 from ._backend import get_backend, set_backend, use_backend
 from .ops.reparameterize import gaussian_kl, reparameterize, reparameterize_kl

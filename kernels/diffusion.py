@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import per_sample
+from . import aot, per_sample
 from .per_sample import block_noise, dims, launch, sample_block
 
 # where the forward kernels take ε from (the constexpr NOISE)
@@ -226,41 +226,29 @@ def noise_mse_backward(grad_loss, eps_hat, seed):
     return grad
 
 
+# argument types other than the defaults of kernels/aot.py (*dtype for a pointer, i32 for an int): int64
+# timesteps and seeds, float64 schedule tables, fp32 partials and scalars
+_ARG_TYPES = {
+    **dict.fromkeys(("t_ptr", "t_prev_ptr", "seed_ptr"), "*i64"),
+    **dict.fromkeys(("ac_ptr", "sqrt_ac_ptr", "sqrt_1m_ac_ptr", "coef1_ptr", "coef2_ptr", "var_ptr"), "*fp64"),
+    **dict.fromkeys(("partial_ptr", "grad_loss_ptr"), "*fp32"),
+    **dict.fromkeys(("eta", "scale"), "fp32"),
+}
+_NOISE_MODES = {
+    _q_sample_fwd_kernel: (NOISE_LOADED, NOISE_PHILOX),
+    _ddpm_fwd_kernel: (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX),
+    _ddim_fwd_kernel: (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX),
+}
+_NOISELESS_KERNELS = (_q_sample_bwd_kernel, _ddpm_bwd_kernel, _ddim_bwd_kernel, _noise_mse_fwd_kernel,
+                      _noise_mse_bwd_kernel)
+
+
 def aot_variants():
     """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    num_warps = per_sample.block_warps()
-    scalars = {"sample_base": "i32", "sample_numel": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
-        ptr = f"*{dtype}"
-        fwd = {
-            _q_sample_fwd_kernel: (dict(x0_ptr=ptr, t_ptr="*i64", noise_ptr=ptr, seed_ptr="*i64",
-                                        sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64", out_ptr=ptr),
-                                   (NOISE_LOADED, NOISE_PHILOX)),
-            _ddpm_fwd_kernel: (dict(model_output_ptr=ptr, t_ptr="*i64", x_ptr=ptr, noise_ptr=ptr, seed_ptr="*i64",
-                                    sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64", coef1_ptr="*fp64",
-                                    coef2_ptr="*fp64", var_ptr="*fp64", out_ptr=ptr),
-                               (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX)),
-            _ddim_fwd_kernel: (dict(model_output_ptr=ptr, t_ptr="*i64", t_prev_ptr="*i64", x_ptr=ptr, noise_ptr=ptr,
-                                    seed_ptr="*i64", ac_ptr="*fp64", sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64",
-                                    out_ptr=ptr, eta="fp32"),
-                               (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX)),
-        }
-        bwd = {
-            _q_sample_bwd_kernel: dict(grad_ptr=ptr, t_ptr="*i64", sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64",
-                                       grad_x0_ptr=ptr),
-            _ddpm_bwd_kernel: dict(grad_ptr=ptr, t_ptr="*i64", sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64",
-                                   coef1_ptr="*fp64", coef2_ptr="*fp64", var_ptr="*fp64",
-                                   grad_model_output_ptr=ptr, grad_x_ptr=ptr),
-            _ddim_bwd_kernel: dict(grad_ptr=ptr, t_ptr="*i64", t_prev_ptr="*i64", ac_ptr="*fp64",
-                                   sqrt_ac_ptr="*fp64", sqrt_1m_ac_ptr="*fp64", grad_model_output_ptr=ptr,
-                                   grad_x_ptr=ptr, eta="fp32"),
-            _noise_mse_fwd_kernel: dict(eps_hat_ptr=ptr, seed_ptr="*i64", partial_ptr="*fp32", n_chunks="i32"),
-            _noise_mse_bwd_kernel: dict(grad_loss_ptr="*fp32", eps_hat_ptr=ptr, seed_ptr="*i64", grad_ptr=ptr,
-                                        scale="fp32"),
-        }
-        for block in per_sample.BLOCKS:
-            for kernel, (sig, modes) in fwd.items():
+        for block, num_warps in per_sample.block_warps().items():
+            for kernel, modes in _NOISE_MODES.items():
                 for mode in modes:
-                    yield kernel, dict(sig, **scalars), dict(NOISE=mode.value, BLOCK=block), num_warps[block]
-            for kernel, sig in bwd.items():
-                yield kernel, dict(sig, **scalars), dict(BLOCK=block), num_warps[block]
+                    yield from aot.variants(kernel, dtype, dict(NOISE=mode.value, BLOCK=block), num_warps, _ARG_TYPES)
+            for kernel in _NOISELESS_KERNELS:
+                yield from aot.variants(kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)

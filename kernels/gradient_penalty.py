@@ -1,9 +1,9 @@
 """Fused WGAN-GP kernels: the interpolation x̂ = fake + α_b·(real − fake) with its backward, and the penalty
 p = weight·mean_b(‖g_b‖₂ − 1)² on the critic's gradient g with its backward.
 
-The elementwise kernels use the per-sample grid of ``kernels/per_sample.py``. The penalty: each program of the grid writes the fp32 sum of squares of its chunk to partials (B, n_chunks); one
-program then sums every sample's partials in a fixed order, takes the norms and sums (‖g_b‖ − 1)² in a fixed
-order: deterministic, no atomics.
+The elementwise kernels use the per-sample grid of ``kernels/per_sample.py``. The penalty: each program of the
+grid writes the fp32 sum of squares of its chunk to partials (B, n_chunks); one program then sums every sample's
+partials in a fixed order, takes the norms and sums (‖g_b‖ − 1)² in a fixed order: deterministic, no atomics.
 """
 import torch
 import triton
@@ -11,7 +11,7 @@ import triton.language as tl
 
 from genfast._shared import penalty_scale
 
-from . import per_sample
+from . import aot, per_sample
 from .per_sample import dims, launch, sample_block
 
 # ---- heuristics: the single program that finishes the penalty walks partials (B, n_chunks) in tiles
@@ -127,24 +127,20 @@ def gradient_norm_penalty_backward(grad_penalty, grad, norms, weight):
     return out
 
 
+# argument types other than the defaults of kernels/aot.py (*dtype for a pointer, i32 for an int)
+_ARG_TYPES = {**dict.fromkeys(("alpha_ptr", "partials_ptr", "norms_ptr", "penalty_ptr", "grad_penalty_ptr"), "*fp32"),
+              "scale": "fp32", "scale2": "fp32"}
+
+
 def aot_variants():
     """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    scalars = {"sample_base": "i32", "sample_numel": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
         for block, num_warps in per_sample.block_warps().items():
-            sig = {"real_ptr": f"*{dtype}", "fake_ptr": f"*{dtype}", "alpha_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                   **scalars}
-            yield _interpolate_fwd_kernel, sig, dict(BLOCK=block), num_warps
+            yield from aot.variants(_interpolate_fwd_kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)
             for want_real, want_fake in ((1, 0), (0, 1), (1, 1)):
-                sig = {"grad_ptr": f"*{dtype}", "alpha_ptr": "*fp32", "grad_real_ptr": f"*{dtype}",
-                       "grad_fake_ptr": f"*{dtype}", **scalars}
                 consts = dict(WANT_REAL=want_real, WANT_FAKE=want_fake, BLOCK=block)
-                yield _interpolate_bwd_kernel, sig, consts, num_warps
-            sig = {"grad_ptr": f"*{dtype}", "partials_ptr": "*fp32", "n_chunks": "i32", **scalars}
-            yield _sum_squares_kernel, sig, dict(BLOCK=block), num_warps
-            sig = {"grad_penalty_ptr": "*fp32", "grad_ptr": f"*{dtype}", "norms_ptr": "*fp32",
-                   "out_ptr": f"*{dtype}", "scale2": "fp32", **scalars}
-            yield _penalty_bwd_kernel, sig, dict(BLOCK=block), num_warps
-    sig = {"partials_ptr": "*fp32", "norms_ptr": "*fp32", "penalty_ptr": "*fp32", "batch": "i32", "n_chunks": "i32",
-           "scale": "fp32"}
-    yield _penalty_finish_kernel, sig, dict(BLOCK_B=FINISH_B, BLOCK_CHUNKS=FINISH_CHUNKS), FINISH_WARPS
+                yield from aot.variants(_interpolate_bwd_kernel, dtype, consts, num_warps, _ARG_TYPES)
+            yield from aot.variants(_sum_squares_kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)
+            yield from aot.variants(_penalty_bwd_kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)
+    yield from aot.variants(_penalty_finish_kernel, "fp32", dict(BLOCK_B=FINISH_B, BLOCK_CHUNKS=FINISH_CHUNKS),
+                            FINISH_WARPS, _ARG_TYPES)

@@ -30,6 +30,7 @@ and per group (N = C/G·S elements, dx̂ = α·dm)   m1 = Σ_c α·P / N = mean_
     dshift = P    dscale = w·Q + b·P     dweight = Σ_b (1 + scale)·Q    dbias = Σ_b (1 + scale)·P
 The kernels write (1 + scale)·Q and (1 + scale)·P per (b, c); the launcher sums them over b in a fixed order.
 """
+import functools
 import inspect
 import itertools
 import math
@@ -40,6 +41,9 @@ import triton
 import triton.language as tl
 
 from genfast._shared import optional_grad
+
+from . import aot
+from .stats import combine_summaries, merge_summaries, store_planes, sum_planes, tile_stats
 
 # ---- heuristics: the one place tiles, splits and warps are chosen -------------------------------------------
 MIN_BLOCK_C = 4  # a tile's channel extent: the next power of two of the group's channels, at least this ...
@@ -118,14 +122,6 @@ def _pivot(x_ptr, add_ptr, bg, G, C, CPG, sB, sC, N, HAS_ADD: tl.constexpr):
 
 
 @triton.jit
-def _load_add(add_ptr, pidx, cmask, HAS_ADD: tl.constexpr):
-    add = tl.zeros(pidx.shape, tl.float32)
-    if HAS_ADD:
-        add = tl.load(add_ptr + pidx, mask=cmask, other=0.0)
-    return add
-
-
-@triton.jit
 def _coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, chan, pidx, cmask, HAS_SCALE_SHIFT: tl.constexpr):
     """Per channel: (w, b, gain = 1 + scale, α = w·gain, β = b·gain + shift); m = x̂·α + β."""
     w = tl.load(w_ptr + chan, mask=cmask, other=0.0)
@@ -181,23 +177,6 @@ def _dx(xhat, dm, alpha, rstd, m1, m2):
 
 
 @triton.jit
-def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan's combination of two (count, mean, M2) summaries; either may be empty."""
-    n = n_a + n_b
-    f = n_b / tl.maximum(n, 1.0)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * f, m2_a + m2_b + delta * delta * n_a * f
-
-
-@triton.jit
-def _tile_stats(d, mask, n):
-    """(mean, deviations from it (0 outside the mask), M2) of the n masked-in values of the tile d, two-pass."""
-    mean = tl.sum(tl.sum(d, 1), 0) / tl.maximum(n, 1.0)
-    dev = tl.where(mask, d - mean, 0.0)
-    return mean, dev, tl.sum(tl.sum(dev * dev, 1), 0)
-
-
-@triton.jit
 def _split(n_sp, per_split, S, BLOCK_S: tl.constexpr):
     """(row bg, split t, channel block, first tile, end tile) of this program of a split grid."""
     bg = tl.program_id(0)
@@ -227,10 +206,12 @@ def _fwd_single_kernel(
 ):
     bg = tl.program_id(0)
     cmask, chan, pidx, row_off = _channels(bg, G, C, CPG, sB, sC, 0, BLOCK_C)
-    add = _load_add(add_ptr, pidx, cmask, HAS_ADD)
+    add = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_ADD:
+        add = tl.load(add_ptr + pidx, mask=cmask, other=0.0)
     k = _pivot(x_ptr, add_ptr, bg, G, C, CPG, sB, sC, N, HAS_ADD)
     h, offs, mask = _load_h(x_ptr, row_off, cmask, add, tl.arange(0, BLOCK_S), S, sS, HAS_ADD)
-    mean_k, dev, m2 = _tile_stats(tl.where(mask, h - k, 0.0), mask, N)
+    mean_k, dev, m2 = tile_stats(tl.where(mask, h - k, 0.0), mask, N)
     rstd = 1.0 / tl.sqrt(m2 / tl.maximum(N, 1.0) + eps)
     w, bias, gain, alpha, beta = _coefficients(w_ptr, b_ptr, scale_ptr, shift_ptr, chan, pidx, cmask, HAS_SCALE_SHIFT)
     y = _activation(dev * (alpha * rstd)[:, None] + beta[:, None], silu)
@@ -280,35 +261,11 @@ def _fwd_stats_kernel(
     for st in range(first, end):
         h, offs, mask = _load_h(x_ptr, row_off, cmask, add, st * BLOCK_S + tl.arange(0, BLOCK_S), S, sS, True)
         n_t = n_c * tl.minimum(S - st * BLOCK_S, BLOCK_S).to(tl.float32)
-        mean_t, dev, m2_t = _tile_stats(tl.where(mask, h - k, 0.0), mask, n_t)
-        count, mean, m2 = _chan(count, mean, m2, n_t, mean_t, m2_t)
-    plane = tl.num_programs(0).to(tl.int64) * tl.num_programs(1)
-    off = bg.to(tl.int64) * tl.num_programs(1) + t
-    tl.store(part_ptr + off, count)
-    tl.store(part_ptr + plane + off, mean)
-    tl.store(part_ptr + 2 * plane + off, m2)
-
-
-@triton.jit
-def _merge_partials(part_ptr, bg, MERGE_BLOCK: tl.constexpr):
-    """(count, mean − K, M2) of the row bg from its split partials, merged in a fixed order."""
+        mean_t, dev, m2_t = tile_stats(tl.where(mask, h - k, 0.0), mask, n_t)
+        count, mean, m2 = combine_summaries(count, mean, m2, n_t, mean_t, m2_t)
     n_splits = tl.num_programs(1)
     plane = tl.num_programs(0).to(tl.int64) * n_splits
-    base = bg.to(tl.int64) * n_splits
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for j0 in range(0, n_splits, MERGE_BLOCK):
-        j = j0 + tl.arange(0, MERGE_BLOCK)
-        jmask = j < n_splits
-        n_j = tl.load(part_ptr + base + j, mask=jmask, other=0.0)
-        mean_j = tl.load(part_ptr + plane + base + j, mask=jmask, other=0.0)
-        m2_j = tl.load(part_ptr + 2 * plane + base + j, mask=jmask, other=0.0)
-        n_b = tl.sum(n_j, 0)
-        mean_b = tl.sum(n_j * mean_j, 0) / tl.maximum(n_b, 1.0)
-        m2_b = tl.sum(m2_j + n_j * (mean_j - mean_b) * (mean_j - mean_b), 0)
-        count, mean, m2 = _chan(count, mean, m2, n_b, mean_b, m2_b)
-    return count, mean, m2
+    store_planes(part_ptr, bg.to(tl.int64) * n_splits + t, plane, count, mean, m2, None)
 
 
 @_kernel
@@ -318,7 +275,9 @@ def _fwd_apply_kernel(
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_BLOCK: tl.constexpr,
 ):
     bg, t, cb, first, end = _split(n_sp, per_split, S, BLOCK_S)
-    count, mean_k, m2 = _merge_partials(part_ptr, bg, MERGE_BLOCK)
+    n_splits = tl.num_programs(1)
+    plane = tl.num_programs(0).to(tl.int64) * n_splits
+    count, mean_k, m2 = merge_summaries(part_ptr, bg.to(tl.int64) * n_splits, plane, n_splits, MERGE_BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / tl.maximum(count, 1.0) + eps)
     k = _pivot(x_ptr, add_ptr, bg, G, C, CPG, sB, sC, N, True)
     tl.store(mean_ptr + bg, k + mean_k, mask=t == 0)
@@ -353,29 +312,17 @@ def _bwd_reduce_kernel(
         acc_q += dm * xhat
         acc_r += xhat
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    plane = tl.num_programs(0).to(tl.int64) * n_sp * CPG
     off = (bg.to(tl.int64) * n_sp + (t - cb * n_sp)) * CPG + c
-    tl.store(part_ptr + off, tl.sum(acc_p, 1), mask=cmask)
-    tl.store(part_ptr + plane + off, tl.sum(acc_q, 1), mask=cmask)
-    tl.store(part_ptr + 2 * plane + off, tl.sum(acc_r, 1), mask=cmask)
+    store_planes(part_ptr, off, tl.num_programs(0).to(tl.int64) * n_sp * CPG, tl.sum(acc_p, 1), tl.sum(acc_q, 1),
+                 tl.sum(acc_r, 1), cmask)
 
 
 @triton.jit
 def _channel_sums(part_ptr, bg, CPG, n_sp, cb, BLOCK: tl.constexpr):
     """(P, Q, R) of channel block cb of the row bg: the reduce kernel's partials summed over splits in order."""
     c = cb * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < CPG
     plane = tl.num_programs(0).to(tl.int64) * n_sp * CPG
-    base = bg.to(tl.int64) * n_sp * CPG + c
-    P = tl.zeros([BLOCK], tl.float32)
-    Q = tl.zeros([BLOCK], tl.float32)
-    R = tl.zeros([BLOCK], tl.float32)
-    for sp in range(0, n_sp):
-        off = base + sp * CPG
-        P += tl.load(part_ptr + off, mask=cmask, other=0.0)
-        Q += tl.load(part_ptr + plane + off, mask=cmask, other=0.0)
-        R += tl.load(part_ptr + 2 * plane + off, mask=cmask, other=0.0)
-    return P, Q, R
+    return sum_planes(part_ptr, bg.to(tl.int64) * n_sp * CPG + c, plane, CPG, n_sp, c < CPG)
 
 
 @_kernel
@@ -427,10 +374,12 @@ def _bwd_dx_kernel(
 
 # ---- launchers ----------------------------------------------------------------------------------------------
 def _geometry(x, num_groups):
-    """(B, C, C/G, S, (sB, sC, sS)) of x read as (B, C, S); the op hands over x with collapsible spatial dims."""
+    """(B, C/G, S, the kernels' shape arguments (G, C, C/G, S, sB, sC, sS), the group's element count N = C/G·S as a
+    float) of x read as (B, C, S); the op hands over x with collapsible spatial dims."""
     batch, channels = x.shape[:2]
-    spatial = math.prod(x.shape[2:])
-    return batch, channels, channels // num_groups, spatial, x.view(batch, channels, spatial).stride()
+    cpg, spatial = channels // num_groups, math.prod(x.shape[2:])
+    shape = (num_groups, channels, cpg, spatial, *x.view(batch, channels, spatial).stride())
+    return batch, cpg, spatial, shape, float(cpg * spatial)
 
 
 def _fp32(t):
@@ -447,21 +396,12 @@ def _affine(weight, bias, x):
 
 def _conditioning(x, add, scale, shift, materialize: bool):
     """add, scale, shift as fp32 (B, C) tensors, or None where the kernel's flag is off (HAS_ADD, HAS_SCALE_SHIFT).
-    A missing one of scale and shift (or, with ``materialize``, any missing one) becomes zeros."""
-    has_add = materialize or add is not None
+    A missing one of scale and shift (or, with ``materialize``, any missing one) becomes zeros, one tensor for all."""
     has_scale_shift = materialize or scale is not None or shift is not None
-    zeros = []  # one zero tensor serves every missing input
-
-    def pick(t, flag):
-        if t is not None:
-            return _fp32(t)
-        if not flag:
-            return None
-        if not zeros:
-            zeros.append(torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device))
-        return zeros[0]
-
-    return pick(add, has_add), pick(scale, has_scale_shift), pick(shift, has_scale_shift)
+    inputs = ((add, materialize or add is not None), (scale, has_scale_shift), (shift, has_scale_shift))
+    zeros = (torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+             if any(t is None and flag for t, flag in inputs) else None)
+    return tuple(_fp32(t) if t is not None else zeros if flag else None for t, flag in inputs)
 
 
 def _or(t, placeholder):
@@ -470,7 +410,7 @@ def _or(t, placeholder):
 
 def group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, silu):
     """Launcher of the forward: (y, mean, rstd) like ``genfast.reference.group_norm_silu.group_norm_silu``."""
-    batch, channels, cpg, spatial, (sB, sC, sS) = _geometry(x, num_groups)
+    batch, cpg, spatial, shape, n = _geometry(x, num_groups)
     rows = batch * num_groups
     y = torch.empty_like(x)
     mean = torch.empty((batch, num_groups), dtype=torch.float32, device=x.device)
@@ -480,8 +420,6 @@ def group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, silu):
     plan = _plan(cpg, spatial, rows)
     w, b = _affine(weight, bias, x)
     add, scale, shift = _conditioning(x, add, scale, shift, materialize=not plan.single)
-    shape = (num_groups, channels, cpg, spatial, sB, sC, sS)
-    n = float(cpg * spatial)  # the group's element count
     if plan.single:
         _fwd_single_kernel[(rows,)](
             x, w, b, _or(add, w), _or(scale, w), _or(shift, w), y, mean, rstd, *shape, n, eps, int(silu),
@@ -503,18 +441,15 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
     """Launcher of the backward: (dx, dweight, dbias, dadd, dscale, dshift), an absent input's gradient empty.
     ``grad_y`` has x's strides and dtype. add, scale and shift are materialised (zeros when absent): the backward
     kernels carry no flags, since those inputs and their gradients are (B, C) tensors, no memory traffic."""
-    batch, channels, cpg, spatial, (sB, sC, sS) = _geometry(x, num_groups)
+    batch, cpg, spatial, shape, n = _geometry(x, num_groups)
     rows = batch * num_groups
     dx = torch.empty_like(x)
-    dwp, dbp, dadd, dscale, dshift = (torch.empty((batch, channels), dtype=torch.float32, device=x.device)
-                                      for _ in range(5))
+    dwp, dbp, dadd, dscale, dshift = (torch.empty(x.shape[:2], dtype=torch.float32, device=x.device) for _ in range(5))
     if rows:
         plan = _plan(cpg, spatial, rows)
         w, b = _affine(weight, bias, x)
         add_k, scale_k, shift_k = _conditioning(x, add, scale, shift, materialize=True)
         args = (w, b, add_k, scale_k, shift_k, mean, rstd)
-        shape = (num_groups, channels, cpg, spatial, sB, sC, sS)
-        n = float(cpg * spatial)  # the group's element count
         blocks = dict(BLOCK_C=plan.block_c, BLOCK_S=plan.block_s, num_warps=plan.num_warps)
         if plan.single:
             _bwd_single_kernel[(rows,)](x, grad_y, *args, dx, dwp, dbp, dadd, dscale, dshift, *shape, n, int(silu),
@@ -525,7 +460,7 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
             coef = torch.empty((rows, 2), dtype=torch.float32, device=x.device)
             _bwd_reduce_kernel[grid](x, grad_y, *args, part, *shape, plan.n_sp, plan.per_split, int(silu), **blocks)
             _bwd_finalize_kernel[(rows,)](part, w, b, scale_k, shift_k, rstd, coef, dwp, dbp, dadd, dscale, dshift,
-                                          num_groups, channels, cpg, spatial, n, plan.n_sp, BLOCK=FINALIZE_BLOCK,
+                                          *shape[:4], n, plan.n_sp, BLOCK=FINALIZE_BLOCK,
                                           num_warps=FINALIZE_WARPS)
             _bwd_dx_kernel[grid](x, grad_y, *args, coef, dx, *shape, plan.n_sp, plan.per_split, int(silu), **blocks)
     return (dx, optional_grad(dwp.sum(0), weight, x), optional_grad(dbp.sum(0), bias, x), optional_grad(dadd, add, x),
@@ -533,37 +468,17 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
 
 
 # ---- ahead-of-time variants ---------------------------------------------------------------------------------
-_DATA_PTRS = ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr")  # in the input dtype; every other pointer is fp32
-
-
-def _signature(kernel, dtype):
-    def arg_type(name):
-        if name.endswith("_ptr"):
-            return f"*{dtype}" if name in _DATA_PTRS else "*fp32"
-        return "fp32" if name in ("eps", "N") else "i32"
-
-    params = inspect.signature(kernel.fn).parameters.values()
-    return {p.name: arg_type(p.name) for p in params if p.annotation is not tl.constexpr}
+# argument types other than the defaults of kernels/aot.py (x, y, dy, dx in the input dtype, ints i32)
+_FP32_PTRS = ("w_ptr", "b_ptr", "add_ptr", "scale_ptr", "shift_ptr", "mean_ptr", "rstd_ptr", "part_ptr", "coef_ptr",
+              "dwp_ptr", "dbp_ptr", "dadd_ptr", "dscale_ptr", "dshift_ptr")
+_ARG_TYPES = dict.fromkeys(_FP32_PTRS, "*fp32") | {"N": "fp32", "eps": "fp32"}
+# The launcher hands the kernels x as (B, C, S) with a contiguous spatial axis (NCHW) or channel axis (NHWC), and
+# Triton specialises that stride of 1 into a constant: those are the variants that run.
+_variants = functools.partial(aot.variants, types=_ARG_TYPES, unit_args=(("sS",), ("sC",)))
 
 
 def _block_cs():
     return [1 << i for i in range(MIN_BLOCK_C.bit_length() - 1, MAX_BLOCK_C.bit_length())]
-
-
-# The launcher hands the kernels x as (B, C, S) with a contiguous spatial axis (NCHW) or channel axis (NHWC), and
-# Triton specialises that stride of 1 into a constant: those are the variants that run.
-_LAYOUTS = (dict(sS=1), dict(sC=1))
-
-
-def _layouts(kernel):
-    params = inspect.signature(kernel.fn).parameters
-    return _LAYOUTS if "sS" in params else ({},)
-
-
-def _variant(kernel, dtype, constexprs, num_warps):
-    for layout in _layouts(kernel):
-        signature = {name: ty for name, ty in _signature(kernel, dtype).items() if name not in layout}
-        yield kernel, signature, dict(constexprs, **layout), num_warps
 
 
 def aot_variants():
@@ -573,11 +488,11 @@ def aot_variants():
             for tile, num_warps in SINGLE_TILES:
                 blocks = dict(BLOCK_C=block_c, BLOCK_S=tile // block_c)
                 for has_add, has_scale_shift in itertools.product((0, 1), (0, 1)):
-                    yield from _variant(_fwd_single_kernel, dtype,
-                                        dict(blocks, HAS_ADD=has_add, HAS_SCALE_SHIFT=has_scale_shift), num_warps)
-                yield from _variant(_bwd_single_kernel, dtype, blocks, num_warps)
+                    yield from _variants(_fwd_single_kernel, dtype,
+                                         dict(blocks, HAS_ADD=has_add, HAS_SCALE_SHIFT=has_scale_shift), num_warps)
+                yield from _variants(_bwd_single_kernel, dtype, blocks, num_warps)
             blocks = dict(BLOCK_C=block_c, BLOCK_S=SPLIT_TILE // block_c)
             for kernel in (_fwd_stats_kernel, _bwd_reduce_kernel, _bwd_dx_kernel):
-                yield from _variant(kernel, dtype, blocks, SPLIT_WARPS)
-            yield from _variant(_fwd_apply_kernel, dtype, dict(blocks, MERGE_BLOCK=MERGE_BLOCK), SPLIT_WARPS)
-    yield from _variant(_bwd_finalize_kernel, "fp32", dict(BLOCK=FINALIZE_BLOCK), FINALIZE_WARPS)
+                yield from _variants(kernel, dtype, blocks, SPLIT_WARPS)
+            yield from _variants(_fwd_apply_kernel, dtype, dict(blocks, MERGE_BLOCK=MERGE_BLOCK), SPLIT_WARPS)
+    yield from _variants(_bwd_finalize_kernel, "fp32", dict(BLOCK=FINALIZE_BLOCK), FINALIZE_WARPS)

@@ -12,6 +12,8 @@ from triton.language.extra import libdevice
 
 from genfast._shared import triton_interpret
 
+from . import aot
+
 
 @triton.jit
 def _sin_cos_exact(theta):
@@ -82,5 +84,5 @@ def philox_normal(seed, batch, sample_numel):
 
 
 def aot_variants():
-    sig = {"seed_ptr": "*i64", "out_ptr": "*fp32", "sample_numel": "i32"}
-    yield _philox_normal_kernel, sig, {"BLOCK": NOISE_BLOCK}, 4
+    """Every (kernel, signature, constexprs, num_warps) the launcher can pick, for the ahead-of-time compile test."""
+    yield from aot.variants(_philox_normal_kernel, "fp32", {"BLOCK": NOISE_BLOCK}, 4, {"seed_ptr": "*i64"})

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import per_sample
+from . import aot, per_sample
 from .per_sample import block_noise, dims, launch, sample_block
 
 
@@ -77,19 +77,17 @@ def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, noise, seed):
     return grad_mu, grad_logvar
 
 
+# argument types other than the defaults of kernels/aot.py (*dtype for a pointer, i32 for an int)
+_ARG_TYPES = {"seed_ptr": "*i64", "kl_ptr": "*fp32", "grad_kl_ptr": "*fp32"}
+
+
 def aot_variants():
     """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    scalars = {"sample_base": "i32", "sample_numel": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
-        ptr = f"*{dtype}"
-        fwd = dict(mu_ptr=ptr, logvar_ptr=ptr, noise_ptr=ptr, seed_ptr="*i64", z_ptr=ptr, kl_ptr="*fp32",
-                   n_chunks="i32", **scalars)
-        bwd = dict(mu_ptr=ptr, logvar_ptr=ptr, noise_ptr=ptr, seed_ptr="*i64", grad_z_ptr=ptr, grad_kl_ptr="*fp32",
-                   grad_mu_ptr=ptr, grad_logvar_ptr=ptr, **scalars)
         for block, num_warps in per_sample.block_warps().items():
             for has_noise, want_z, want_kl in ((0, 1, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 1)):
                 consts = dict(HAS_NOISE=has_noise, WANT_Z=want_z, WANT_KL=want_kl, BLOCK=block)
-                yield _reparameterize_kl_fwd_kernel, fwd, consts, num_warps
+                yield from aot.variants(_reparameterize_kl_fwd_kernel, dtype, consts, num_warps, _ARG_TYPES)
             for has_noise, has_dz, has_dkl in ((0, 1, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 1)):
                 consts = dict(HAS_NOISE=has_noise, HAS_GRAD_Z=has_dz, HAS_GRAD_KL=has_dkl, BLOCK=block)
-                yield _reparameterize_kl_bwd_kernel, bwd, consts, num_warps
+                yield from aot.variants(_reparameterize_kl_bwd_kernel, dtype, consts, num_warps, _ARG_TYPES)

@@ -13,10 +13,13 @@ from triton.compiler import ASTSource
 
 def compile_variant(kernel, signature, constexprs, num_warps, arch):
     """Compile as the JIT does for fresh tensors of sizes that are multiples of 16: the JIT specialises pointers
-    that are 16-byte aligned and integers divisible by 16 (the vectorised case whose PTX is worth reading)."""
+    that are 16-byte aligned and integers divisible by 16 (the vectorised case whose PTX is worth reading), except
+    the arguments in the kernel's ``do_not_specialize``. Attributes are keyed by the argument's position in the
+    kernel's parameter list, where a constexpr may sit between runtime arguments (a unit stride)."""
+    specialized = {p.name for p in kernel.params if not p.do_not_specialize}
+    aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+               if name in specialized and (ty.startswith("*") or ty in ("i32", "i64"))}
     signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    aligned = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values())
-               if ty.startswith("*") or ty in ("i32", "i64")}
     src = ASTSource(fn=kernel, signature=signature, constexprs=dict(constexprs), attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 

@@ -1,5 +1,6 @@
 """Test set-up: the Triton kernels run in the interpreter on the CPU, so TRITON_INTERPRET must be set before
-genfast (and so Triton's ``@jit``) is imported."""
+genfast (and so Triton's ``@jit``) is imported. The ``backend`` fixture is the one test matrix of the op tests:
+every backend of ``backends.BACKENDS`` usable here."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import genfast  # noqa: E402
+from backends import BACKENDS, KERNEL_BACKENDS, skip_unless_usable  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -30,11 +32,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["reference", "triton"])
+def _use(name):
+    skip_unless_usable(name)  # "cpp" without a loadable extension: skipped with why_not's reason
+    with genfast.use_backend(name):
+        yield name
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request):
-    """Runs the test once per backend; "triton" is the interpreter on the CPU, compiled kernels on a GPU."""
-    with genfast.use_backend(request.param):
-        yield request.param
+    """Runs the test once per backend, selected with ``genfast.use_backend``: "reference", "triton" (the
+    interpreter on the CPU, compiled kernels on a GPU) and "cpp"; a backend that cannot run here is skipped with
+    the reason of ``genfast._backend.why_not``."""
+    yield from _use(request.param)
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
+    """As ``backend``, for the kernel backends only ("triton", "cpp"): tests that compare them with the reference."""
+    yield from _use(request.param)
 
 
 @pytest.fixture

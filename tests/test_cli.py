@@ -4,9 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from genfast._backend import BACKENDS
+from genfast import _backend
+from genfast._backend import BACKENDS, why_not
 from genfast.cli import main
 from genfast.training import read_metrics
 
@@ -43,7 +45,8 @@ def test_train_wgan_writes_its_files(tmp_path):
                              "images_per_s"]
     # the generator is updated every --n-critic steps
     assert [row["generator_loss"] is not None for row in rows] == [False, True, False, True]
-    assert all(row["penalty"] >= 0 for row in rows)
+    # a penalty weight·mean(‖∇D‖ − 1)² is ≥ 0 by construction: > 0 says it was computed, finite that it is no NaN
+    assert all(0 < row["penalty"] < float("inf") for row in rows)
     assert _png(tmp_path / "samples.png") == (8 * 66 + 2, 8 * 66 + 2)
     _png(tmp_path / "loss.png")
 
@@ -76,13 +79,45 @@ def test_compare_beta_writes_the_report(tmp_path):
         _png(tmp_path / name)
 
 
+def _backend_lines(out: str) -> dict[str, str]:
+    """{backend: status} from the "backends on <device>:" block of ``genfast info``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("backends on "))
+    rows = [line.split(maxsplit=1) for line in lines[start + 1:] if line.startswith("  ")]
+    return {name: status for name, status in rows}
+
+
 def test_info_lists_every_backend(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     for word in ("genfast", "torch", "triton", "python", "device"):
         assert word in out
-    for name in BACKENDS:
-        assert f"  {name} " in out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"backends on {device}:" in out
+    statuses = _backend_lines(out)
+    assert list(statuses) == list(BACKENDS)
+    for name, status in statuses.items():  # what the backend table says
+        reason = why_not(name, device)
+        assert status == ("available" if reason is None else f"unavailable: {reason}"), name
+    # under the test set-up (TRITON_INTERPRET=1) the interpreter runs every op on the CPU
+    for name in ("auto", "reference", "torch", "triton"):
+        assert statuses[name] == "available"
+
+
+def test_info_says_which_ops_a_backend_runs_and_why(capsys, monkeypatch):
+    """A backend that runs some ops only: "available for X only (the reason for the first missing op)"; one that
+    runs none: "unavailable: reason"."""
+    def table(name, device="cpu", dtype=None, op=None):
+        if name == "cpp" and op in (None, "diffusion", "gradient_penalty"):
+            return f"no {op} here"
+        return "broken" if name == "triton" else None
+
+    monkeypatch.setattr(_backend, "why_not", table)
+    assert main(["info"]) == 0
+    statuses = _backend_lines(capsys.readouterr().out)
+    assert statuses["cpp"] == "available for group_norm_silu, reparameterize only (no diffusion here)"
+    assert statuses["triton"] == "unavailable: broken"
+    assert statuses["reference"] == statuses["torch"] == "available"
 
 
 @pytest.mark.parametrize("argv, expected", [

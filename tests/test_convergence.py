@@ -1,7 +1,8 @@
 """Convergence (Liger-Kernel style): each reference model trained for a few steps from the same seed with the
-reference backend and with the Triton kernels (the interpreter on the CPU) gives the same loss curve and the same
-final parameters, and the loss goes down. The models are tiny because the interpreter runs each Triton program in
-numpy (about 15 ms a program): one GroupNorm+SiLU forward and backward at batch 2, one group, costs ~70 ms."""
+reference backend and with each kernel backend (the Triton kernels, in the interpreter on the CPU, and the C++
+kernels) gives the same loss curve and the same final parameters, and the loss goes down. The models are tiny
+because the interpreter runs each Triton program in numpy (about 15 ms a program): one GroupNorm+SiLU forward and
+backward at batch 2, one group, costs ~70 ms."""
 import pytest
 import torch
 
@@ -101,17 +102,17 @@ def _assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module):
         torch.testing.assert_close(q, p, atol=PARAM_ATOL, rtol=PARAM_RTOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_vae_converges_the_same_on_both_backends():
+def test_vae_converges_the_same_on_every_backend(kernel_backend):
     ref_losses, ref_model = _train_vae("reference")
-    tri_losses, tri_model = _train_vae("triton")
+    tri_losses, tri_model = _train_vae(kernel_backend)
     torch.testing.assert_close(torch.tensor(tri_losses), torch.tensor(ref_losses), rtol=LOSS_RTOL, atol=0)
     _assert_same_parameters(ref_model, tri_model)
     assert ref_losses[-1] < VAE_DROP * ref_losses[0], ref_losses
 
 
-def test_ddpm_converges_the_same_on_both_backends():
+def test_ddpm_converges_the_same_on_every_backend(kernel_backend):
     ref_losses, ref_model, x0 = _train_ddpm("reference")
-    tri_losses, tri_model, _ = _train_ddpm("triton")
+    tri_losses, tri_model, _ = _train_ddpm(kernel_backend)
     torch.testing.assert_close(torch.tensor(tri_losses), torch.tensor(ref_losses), rtol=LOSS_RTOL, atol=0)
     _assert_same_parameters(ref_model, tri_model)
     # conv_out starts at zero, so ε̂ = 0 and the first loss is mean(ε²) ≈ 1
@@ -121,9 +122,9 @@ def test_ddpm_converges_the_same_on_both_backends():
     assert after < DDPM_DROP * before, (before, after)
 
 
-def test_wgan_gp_converges_the_same_on_both_backends():
+def test_wgan_gp_converges_the_same_on_every_backend(kernel_backend):
     ref_critic, ref_penalty, ref_models = _train_wgan("reference")
-    tri_critic, tri_penalty, tri_models = _train_wgan("triton")
+    tri_critic, tri_penalty, tri_models = _train_wgan(kernel_backend)
     torch.testing.assert_close(torch.tensor(tri_critic), torch.tensor(ref_critic), rtol=LOSS_RTOL, atol=1e-5)
     torch.testing.assert_close(torch.tensor(tri_penalty), torch.tensor(ref_penalty), rtol=LOSS_RTOL, atol=1e-5)
     _assert_same_parameters(ref_models, tri_models)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import genfast
-from genfast import cpp
+from backends import skip_reason
 
-_REASON = cpp.unavailable_reason(torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"the C++ extension cannot be loaded: {_REASON}")
+_REASON = skip_reason("cpp")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 def _group_norm(x, weight, bias, add, scale, shift, gen):

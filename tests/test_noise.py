@@ -1,10 +1,21 @@
-"""The Philox noise stream shared by every backend: known answers, cross-backend identity, statistics."""
+"""The Philox noise stream shared by every backend: known answers, cross-backend identity (the Triton stream, the
+in-kernel noise of every kernel backend, the C++ AVX2 path), memory order, statistics."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from scipy import stats
 
+from backends import skip_unless_usable
+from genfast._backend import implementation
 from genfast.reference.random import noise_like, philox4x32, philox_normal
 from tolerances import NOISE_ATOL
+
+# high bits set in both words of key and offset, and a negative int64
+SEED = torch.tensor([0x7EDC_BA98_7654_3210, -0x1234_5678_9ABC_DEF1], dtype=torch.int64)
 
 # Random123's known-answer vectors for Philox-4x32-10: (counter, key) -> output
 PHILOX_KAT = [
@@ -60,3 +71,48 @@ def test_noise_follows_memory_layout():
     assert noise.stride() == x.stride()
     flat = philox_normal(seed, 2, 60)
     torch.testing.assert_close(noise.permute(0, 2, 3, 1).reshape(2, 60), flat)
+
+
+def _in_kernel_noise(backend, x):
+    """ε as a kernel backend draws it inside an op: z = 0 + exp(0)·ε of reparameterize_kl."""
+    z, _ = implementation(backend, "reparameterize").reparameterize_kl(x, x, None, SEED, True, False)
+    return z
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 3, 7, 9), (2, 4101)])
+def test_in_kernel_noise_is_the_reference_stream(kernel_backend, shape):
+    """The same seed gives the reference's noise within NOISE_ATOL, in every kernel backend's ops."""
+    zeros = torch.zeros(shape)
+    torch.testing.assert_close(_in_kernel_noise(kernel_backend, zeros), noise_like(zeros, SEED), atol=NOISE_ATOL,
+                               rtol=0)
+
+
+def test_in_kernel_noise_follows_memory_order_of_channels_last(kernel_backend):
+    x = torch.zeros(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
+    z = _in_kernel_noise(kernel_backend, x)
+    assert z.stride() == x.stride()
+    torch.testing.assert_close(z, noise_like(x, SEED), atol=NOISE_ATOL, rtol=0)
+
+
+_AVX2_NOISE_CHECK = textwrap.dedent("""
+    import torch
+    from genfast._backend import implementation
+    from genfast.reference.random import noise_like
+    assert torch.backends.cpu.get_cpu_capability() != "AVX512"
+    seed = torch.tensor([0x7EDCBA9876543210, -0x123456789ABCDEF1])
+    x = torch.zeros(3, 4101)
+    z, _ = implementation("cpp", "reparameterize").reparameterize_kl(x, x, None, seed, True, False)
+    print((z - noise_like(x, seed)).abs().max().item())
+""")
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="the CPU runs the AVX2 noise path in every other test")
+def test_cpp_avx2_noise_path_is_the_reference_stream():
+    """Where ATen uses AVX-512 the C++ noise runs a 16-lane twin; the at::vec path runs under
+    ATEN_CPU_CAPABILITY=avx2."""
+    skip_unless_usable("cpp", op="reparameterize")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    result = subprocess.run([sys.executable, "-c", _AVX2_NOISE_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) <= NOISE_ATOL

@@ -1,14 +1,27 @@
-"""reparameterize / gaussian_kl / reparameterize_kl: kernels vs reference, noise identity, autograd, compile."""
+"""reparameterize / gaussian_kl / reparameterize_kl: every backend against the float64 composite (with the noise
+the reference draws) and the kernels against the reference, forward and backward with random upstream gradients;
+the ops on every layout and odd size; noise identity, autograd, opcheck, compile, validation."""
 import pytest
 import torch
 
 import genfast
-from genfast._backend import BACKENDS, unavailable_reason
+from backends import BACKENDS, skip_reason, skip_unless_usable
+from genfast._backend import implementation
+from genfast._rng import draw_seed
+from genfast._shared import triton_interpret
+from genfast._validation import batch_major
+from genfast.composite import reparameterize as composite  # called on float64 copies
+from genfast.ops.reparameterize import OP
+from genfast.reference import reparameterize as ref
 from genfast.reference.random import noise_like
-from tolerances import NOISE_ATOL, TOLERANCES, assert_close
+from tolerances import NOISE_ATOL, TOLERANCES, assert_close, assert_grads_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1), (3, 37), (4, 130), (2, 3, 5, 7)]
+# the op-level cases: D = C·H·W not a multiple of 4 or 8; batch 1 with 1×1 spatial; D > the blocks of 1024 / 2048
+OP_SHAPES = ((2, 3, 5, 7), (1, 3, 1, 1), (3, 5, 23, 29))
+# high bits set in both words of key and offset, and a negative int64
+SEED = torch.tensor([0x7EDC_BA98_7654_3210, -0x1234_5678_9ABC_DEF1], dtype=torch.int64)
 
 
 def _inputs(shape, dtype, layout="contiguous"):
@@ -22,6 +35,7 @@ def _inputs(shape, dtype, layout="contiguous"):
 
 
 def _run(fn, mu, logvar, **kw):
+    """(z, kl, dμ, dlogvar) of fn(mu, logvar) for random upstream gradients of z and kl."""
     z, kl = fn(mu, logvar, **kw)
     grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(1)).to(z.dtype)
     grad_kl = torch.randn(kl.shape, generator=torch.Generator().manual_seed(2))
@@ -29,19 +43,85 @@ def _run(fn, mu, logvar, **kw):
     return (z, kl, *grads)
 
 
+def _noise_scale(logvar):
+    """The largest σ = exp(½·logvar): the factor of the noise in z (and, with |dz|, in dlogvar)."""
+    return logvar.detach().float().mul(0.5).exp().max().item()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("explicit_noise", [False, True])
-def test_reparameterize_kl_matches_reference(shape, dtype, explicit_noise):
+def test_reparameterize_kl_matches_composite(backend, shape, dtype, explicit_noise):
+    """(z, kl, dμ, dlogvar) against the float64 composite fed the reference's noise and, for the kernels, against
+    the reference."""
     mu, logvar = _inputs(shape, dtype)
     noise = torch.randn(shape).to(dtype) if explicit_noise else None
-    results = {}
-    for backend in ("reference", "triton"):
-        with genfast.use_backend(backend):
-            gen = torch.Generator().manual_seed(7)
-            results[backend] = _run(genfast.reparameterize_kl, mu, logvar, noise=noise, generator=gen)
-    for got, want in zip(results["triton"], results["reference"]):
-        assert_close(got, want, dtype)
+    got = _run(genfast.reparameterize_kl, mu, logvar, noise=noise, generator=torch.Generator().manual_seed(7))
+    eps = noise if explicit_noise else noise_like(mu.detach(), draw_seed(mu.device, torch.Generator().manual_seed(7)))
+    mu64, logvar64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    want = _run(lambda m, lv: composite.reparameterize_kl(m, lv, eps.double()), mu64, logvar64)
+    results = [want]
+    if backend != "reference":
+        with genfast.use_backend("reference"):
+            results.append(_run(genfast.reparameterize_kl, mu, logvar, noise=noise,
+                                generator=torch.Generator().manual_seed(7)))
+    for expected in results:
+        assert_close(got[0], expected[0], dtype)
+        assert_close(got[1], expected[1], torch.float32)
+        for g, w, name in zip(got[2:], expected[2:], ("mu", "logvar")):
+            assert g.dtype == dtype
+            assert_grads_close(g, w, dtype, name)
+
+
+LAYOUTS = ("contiguous", "channels_last", "non_contiguous")
+
+
+def _sample(shape, dtype, layout, scale=1.0):
+    """Random values of ``shape`` in ``layout`` (non_contiguous: every other column of a wider tensor)."""
+    if layout == "non_contiguous":
+        return (torch.randn(*shape[:-1], 2 * shape[-1]) * scale)[..., ::2].to(dtype)
+    x = (torch.randn(shape) * scale).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _op_layout(kernel_backend, layout):
+    """The C++ ops read any strides; the Triton kernels take batch-major tensors (what the public functions pass),
+    so a non-contiguous layout is the C++ ops' case only."""
+    if layout == "non_contiguous" and kernel_backend != "cpp":
+        pytest.skip("the Triton kernels are given batch-major tensors only (the public functions copy others)")
+
+
+@pytest.mark.parametrize("given_noise", [False, True], ids=["philox", "noise"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_matches_reference(kernel_backend, dtype, layout, given_noise):
+    """The kernels' reparameterize_kl and its backward, every (want_z, want_kl) and every absent upstream
+    gradient, against the reference on the dense copy (which defines the noise stream of a non-dense input)."""
+    _op_layout(kernel_backend, layout)
+    kernels = implementation(kernel_backend, OP)
+    # past the C++ block of 2048 only on the C++ ops in the interpreter (slow there; SHAPES cross Triton's 1024)
+    for shape in OP_SHAPES[:2] if kernel_backend == "triton" and triton_interpret() else OP_SHAPES:
+        mu, logvar = _sample(shape, dtype, layout), _sample(shape, dtype, layout, scale=0.5)
+        noise = _sample(shape, dtype, layout) if given_noise else None
+        sigma = _noise_scale(logvar)
+        ref_args = (batch_major(mu), batch_major(logvar), None if noise is None else batch_major(noise), SEED)
+        for want_z, want_kl in ((True, True), (True, False), (False, True)):
+            z, kl = kernels.reparameterize_kl(mu, logvar, noise, SEED, want_z, want_kl)
+            z_ref, kl_ref = ref.reparameterize_kl(*ref_args, want_z, want_kl)
+            assert (z.dtype, z.shape, kl.dtype, kl.shape) == (z_ref.dtype, z_ref.shape, kl_ref.dtype, kl_ref.shape)
+            if want_z:
+                assert z.stride() == z_ref.stride()
+                assert_close(z, z_ref, noise_scale=sigma)
+            if want_kl:
+                assert_close(kl, kl_ref)
+        grad_z, grad_kl = _sample(shape, dtype, layout), torch.randn(shape[0])
+        for dz, dkl in ((grad_z, grad_kl), (grad_z, None), (None, grad_kl)):
+            got = kernels.reparameterize_kl_backward(dz, dkl, mu, logvar, noise, SEED)
+            want = ref.reparameterize_kl_backward(dz, dkl, *ref_args)
+            scale = 0.5 * sigma * (0 if dz is None else dz.float().abs().max().item())
+            for g, g_ref in zip(got, want):
+                assert g.dtype == g_ref.dtype
+                assert_grads_close(g, g_ref, noise_scale=scale)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
@@ -50,20 +130,24 @@ def test_layouts(backend, layout):
     z, kl, dmu, dlogvar = _run(genfast.reparameterize_kl, mu, logvar, generator=torch.Generator().manual_seed(3))
     if layout == "channels_last":
         assert z.is_contiguous(memory_format=torch.channels_last)
-    # the same values as the reference computed on contiguous copies with the noise it drew
-    seed = torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64, generator=torch.Generator().manual_seed(3))
-    mu_b = genfast._validation.batch_major(mu.detach())
-    eps = noise_like(mu_b, seed)
-    assert_close(z, mu.detach() + torch.exp(0.5 * logvar.detach()) * eps)
-    want_kl = 0.5 * (mu.detach() ** 2 + logvar.detach().exp() - 1 - logvar.detach()).flatten(1).sum(1)
-    assert_close(kl, want_kl)
+    # the same values as the textbook formulas on the batch-major copies with the noise the reference drew
+    eps = noise_like(batch_major(mu.detach()), draw_seed(mu.device, torch.Generator().manual_seed(3)))
+    m, lv = mu.detach(), logvar.detach()
+    sigma = torch.exp(0.5 * lv)
+    assert_close(z, m + sigma * eps)
+    assert_close(kl, 0.5 * (m**2 + lv.exp() - 1 - lv).flatten(1).sum(1))
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    grad_kl = torch.randn(kl.shape, generator=torch.Generator().manual_seed(2))[:, None, None, None]
+    assert_grads_close(dmu, grad_z + grad_kl * m, msg="mu")
+    assert_grads_close(dlogvar, grad_z * eps * 0.5 * sigma + grad_kl * 0.5 * (lv.exp() - 1), msg="logvar")
 
 
 def test_same_seed_same_noise_on_every_backend():
+    """Every backend but "torch" (torch.randn's stream, see test_composite) draws the same Philox noise."""
     mu = torch.zeros(3, 1000)
     logvar = torch.zeros(3, 1000)
     z = {}
-    backends = [b for b in BACKENDS if b != "auto" and unavailable_reason(b) is None]
+    backends = [b for b in BACKENDS if skip_reason(b, op=OP) is None]
     assert {"reference", "triton"} <= set(backends)
     for backend in backends:
         with genfast.use_backend(backend):
@@ -85,10 +169,12 @@ def test_noise_is_regenerated_not_stored(backend):
     z = genfast.reparameterize(mu, logvar)
     saved = [t for t in z.grad_fn.saved_tensors if t is not None]
     assert sorted(t.numel() for t in saved) == [2, 256, 256]
-    (dmu, dlogvar) = torch.autograd.grad(z.sum(), (mu, logvar))
-    eps = (z.detach() - mu.detach()) / torch.exp(0.5 * logvar.detach())
-    assert_close(dmu, torch.ones_like(mu))
-    assert_close(dlogvar, 0.5 * eps * torch.exp(0.5 * logvar.detach()), torch.float32)
+    grad_z = torch.randn(z.shape)
+    dmu, dlogvar = torch.autograd.grad(z, (mu, logvar), grad_z)
+    sigma = torch.exp(0.5 * logvar.detach())
+    eps = (z.detach() - mu.detach()) / sigma
+    assert_grads_close(dmu, grad_z)
+    assert_grads_close(dlogvar, grad_z * 0.5 * eps * sigma, torch.float32)
 
 
 def test_gaussian_kl_and_reparameterize_agree_with_fused(backend):
@@ -99,7 +185,7 @@ def test_gaussian_kl_and_reparameterize_agree_with_fused(backend):
     assert kl.dtype == torch.float32 and kl.shape == (5,)
 
 
-def test_kl_closed_form():
+def test_kl_closed_form(backend):
     mu = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
     logvar = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
     want = torch.tensor([0.5, 0.5 * (4.0 + (torch.e - 2.0))])
@@ -118,7 +204,7 @@ def test_empty_batch(backend):
     z, kl = genfast.reparameterize_kl(mu, logvar)
     assert z.shape == (0, 8) and kl.shape == (0,)
     (z.sum() + kl.sum()).backward()
-    assert mu.grad.shape == (0, 8)
+    assert mu.grad.shape == (0, 8) and logvar.grad.shape == (0, 8)
 
 
 def test_gradcheck_float64():
@@ -147,7 +233,8 @@ def test_opcheck(backend, want, explicit_noise):
                           (grad_z, grad_kl, mu.detach(), logvar.detach(), noise, seed, backend))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(backend):
+    """The compiled loss and its compiled backward on ``backend`` against the eager reference."""
     mu, logvar = _inputs((4, 6), torch.float32)
     noise = torch.randn(4, 6)
 
@@ -159,11 +246,12 @@ def test_torch_compile_fullgraph():
         loss = fn(mu, logvar, noise)
         return (loss, *torch.autograd.grad(loss, (mu, logvar)))  # the compiled backward graph runs here
 
+    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
     with genfast.use_backend("reference"):
         eager = loss_and_grads(loss_fn)
-        compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
-    for got, want in zip(compiled, eager):
-        assert_close(got, want, torch.float32)
+    assert_close(compiled[0], eager[0], torch.float32)
+    for got, want in zip(compiled[1:], eager[1:]):
+        assert_grads_close(got, want, torch.float32)
 
 
 def test_torch_compile_fullgraph_in_kernel_noise():
@@ -194,9 +282,23 @@ def test_validation(kwargs, exc, match):
         genfast.reparameterize_kl(args["mu"], args["logvar"], args["noise"], generator=args["generator"])
 
 
-def test_triton_backend_refuses_float64():
-    with genfast.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+def test_kernel_backends_refuse_float64(kernel_backend):
+    match = f"genfast backend '{kernel_backend}' cannot run reparameterize on torch.float64 tensors on cpu"
+    with pytest.raises(TypeError, match=match):
         genfast.gaussian_kl(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_cpp_internal_op_checks_its_arguments():
+    """The C++ op checks its arguments for a caller that reaches it directly."""
+    skip_unless_usable("cpp", op=OP)
+    cpp = implementation("cpp", OP)
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="mu must be float32, bfloat16 or float16"):
+        cpp.reparameterize_kl(x.double(), x.double(), None, SEED, True, True)
+    with pytest.raises(RuntimeError, match=r"logvar must have shape \[2, 3\]"):
+        cpp.reparameterize_kl(x, x[:, :2], None, SEED, True, True)
+    with pytest.raises(RuntimeError, match="seed must be an integer tensor"):
+        cpp.reparameterize_kl(x, x, None, torch.zeros(3, dtype=torch.int64), True, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,4 +1,4 @@
-// Shared by the CPU (csrc/cpu/group_norm_silu.cpp) and CUDA (csrc/cuda/group_norm_silu.cu) GroupNorm + SiLU:
+// Shared by the CPU (csrc/cpu/group_norm_silu*.cpp) and CUDA (csrc/cuda/group_norm_silu.cu) GroupNorm + SiLU:
 // argument checks, the (B, C, S) geometry and the layouts the kernels read in place.
 #pragma once
 

@@ -2,10 +2,12 @@
 p = weight·mean_b(‖g_b‖₂ − 1)²."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._rng import draw
-from .._shared import penalty_scale
+from .._shared import compute_dtype, penalty_scale
 
 
 def gradient_penalty(critic, real, fake, *, weight=10.0, alpha=None, generator=None):
@@ -20,5 +22,5 @@ def gradient_penalty(critic, real, fake, *, weight=10.0, alpha=None, generator=N
             x_hat.requires_grad_(True)
         scores = critic(x_hat)
         (g,) = torch.autograd.grad(scores, x_hat, torch.ones_like(scores), create_graph=create_graph)
-    norms = g.reshape(batch, -1).norm(2, dim=1) if batch else g.new_zeros(0)
+    norms = torch.linalg.vector_norm(g.reshape(batch, math.prod(g.shape[1:])), dim=1, dtype=compute_dtype(g))
     return (norms - 1).pow(2).sum() * penalty_scale(weight, batch)

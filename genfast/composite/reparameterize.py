@@ -1,4 +1,5 @@
-"""The VAE ops in plain PyTorch: z = μ + exp(½·logvar)·ε with ε = torch.randn, kl_b = ½·Σ(μ² + e^logvar − 1 − logvar)."""
+"""The VAE ops in plain PyTorch: z = μ + exp(½·logvar)·ε with ε = torch.randn, and
+kl_b = ½·Σ(μ² + e^logvar − 1 − logvar)."""
 from __future__ import annotations
 
 import math

@@ -120,62 +120,59 @@ class UNet(nn.Module):
                  attention_resolutions: tuple[int, ...] = (16,), num_groups: int = 32, dropout: float = 0.0,
                  scale_shift: bool = False):
         super().__init__()
-        for value, name in ((image_size, "image_size"), (in_channels, "in_channels"),
-                            (base_channels, "base_channels"), (num_res_blocks, "num_res_blocks"),
-                            (num_groups, "num_groups")):
-            check_positive_int(value, name)
         channel_mult = tuple(channel_mult)
-        if not channel_mult:
-            raise ValueError("channel_mult must name at least one level, got ()")
-        for m in channel_mult:
-            check_positive_int(m, "every entry of channel_mult")
-        if image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image_size ({image_size}) must be divisible by 2^(len(channel_mult) - 1) = "
-                             f"{2 ** (len(channel_mult) - 1)}")
-        widths = [base_channels * m for m in (1,) + channel_mult]
-        if any(w % num_groups for w in widths):
-            raise ValueError(f"num_groups ({num_groups}) must divide every level's channels {sorted(set(widths))}")
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        _check_arguments(image_size, in_channels, base_channels, channel_mult, num_res_blocks, num_groups, dropout)
         self.image_size, self.in_channels, self.base_channels = image_size, in_channels, base_channels
         emb_channels = 4 * base_channels
         block = dict(emb_channels=emb_channels, num_groups=num_groups, dropout=float(dropout),
                      scale_shift=bool(scale_shift))
+        widths = [base_channels * m for m in channel_mult]  # channels of each level
         attention_resolutions = set(attention_resolutions)
+        attention = [image_size // 2 ** level in attention_resolutions for level in range(len(widths))]
 
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_channels), nn.SiLU(),
                                       nn.Linear(emb_channels, emb_channels), nn.SiLU())
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-
-        self.down = nn.ModuleList()
-        skip_channels, ch, resolution = [base_channels], base_channels, image_size
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(self._stage(ch, base_channels * mult, resolution in attention_resolutions, block))
-                ch = base_channels * mult
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                self.down.append(Downsample(ch))
-                skip_channels.append(ch)
-                resolution //= 2
-
+        self.down, skip_channels = self._down_path(base_channels, widths, attention, num_res_blocks, block)
+        ch = widths[-1]
         self.middle = nn.ModuleList([ResBlock(ch, ch, **block), AttentionBlock(ch, num_groups=num_groups),
                                      ResBlock(ch, ch, **block)])
-
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(self._stage(ch + skip_channels.pop(), base_channels * mult,
-                                           resolution in attention_resolutions, block))
-                ch = base_channels * mult
-            if level != 0:
-                self.up.append(Upsample(ch))
-                resolution *= 2
-
-        self.norm_out = GroupNormSiLU(num_groups, ch)
-        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.up = self._up_path(ch, skip_channels, widths, attention, num_res_blocks, block)
+        self.norm_out = GroupNormSiLU(num_groups, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+
+    @classmethod
+    def _down_path(cls, ch: int, widths: list[int], attention: list[bool], num_res_blocks: int,
+                   block: dict) -> tuple[nn.ModuleList, list[int]]:
+        """The down path from ``ch`` channels: per level ``num_res_blocks`` stages, then a Downsample except after
+        the last level; and the channels of each activation it hands to the up path, conv_in's first."""
+        down, skip_channels = nn.ModuleList(), [ch]
+        for level, width in enumerate(widths):
+            for _ in range(num_res_blocks):
+                down.append(cls._stage(ch, width, attention[level], block))
+                ch = width
+                skip_channels.append(ch)
+            if level != len(widths) - 1:
+                down.append(Downsample(ch))
+                skip_channels.append(ch)
+        return down, skip_channels
+
+    @classmethod
+    def _up_path(cls, ch: int, skip_channels: list[int], widths: list[int], attention: list[bool],
+                 num_res_blocks: int, block: dict) -> nn.ModuleList:
+        """The up path from ``ch`` channels: per level, deepest first, ``num_res_blocks + 1`` stages, each on the
+        concatenation with the last down-path activation not yet taken (``skip_channels`` is consumed), then an
+        Upsample except after level 0."""
+        up = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            for _ in range(num_res_blocks + 1):
+                up.append(cls._stage(ch + skip_channels.pop(), widths[level], attention[level], block))
+                ch = widths[level]
+            if level != 0:
+                up.append(Upsample(ch))
+        return up
 
     @staticmethod
     def _stage(in_channels: int, out_channels: int, attention: bool, block: dict) -> nn.ModuleList:
@@ -212,3 +209,22 @@ class UNet(nn.Module):
                 h = UNet._run(layer, h, emb)
             return h
         return module(h, emb) if isinstance(module, ResBlock) else module(h)
+
+
+def _check_arguments(image_size, in_channels, base_channels, channel_mult, num_res_blocks, num_groups, dropout):
+    """Raise ValueError for UNet arguments it cannot build (see :class:`UNet`)."""
+    for value, name in ((image_size, "image_size"), (in_channels, "in_channels"), (base_channels, "base_channels"),
+                        (num_res_blocks, "num_res_blocks"), (num_groups, "num_groups")):
+        check_positive_int(value, name)
+    if not channel_mult:
+        raise ValueError("channel_mult must name at least one level, got ()")
+    for m in channel_mult:
+        check_positive_int(m, "every entry of channel_mult")
+    if image_size % 2 ** (len(channel_mult) - 1):
+        raise ValueError(f"image_size ({image_size}) must be divisible by 2^(len(channel_mult) - 1) = "
+                         f"{2 ** (len(channel_mult) - 1)}")
+    widths = [base_channels * m for m in (1,) + channel_mult]
+    if any(w % num_groups for w in widths):
+        raise ValueError(f"num_groups ({num_groups}) must divide every level's channels {sorted(set(widths))}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .random import noise_like
-from . import compute_dtype
+from .._shared import compute_dtype
 
 
 def q_sample_coefficients(t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
