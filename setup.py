@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent
 
 def _extension_build():
     """(ext_modules, cmdclass) for the C++ extension genfast._C, or none when torch is not importable here (pip's
-    isolated build of a fresh clone): the first use then compiles the same sources just-in-time (genfast.cpp)."""
+    isolated build of a fresh clone): the first use then compiles the same sources, shipped as genfast/csrc,
+    just-in-time (genfast.cpp)."""
     try:
         import torch
         from torch.utils import cpp_extension
@@ -54,9 +55,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # kernels/ installs as genfast.kernels and bench/ as genfast.bench (the suite behind `genfast bench`).
-    packages=find_packages(include=["genfast", "genfast.*"]) + ["genfast.kernels", "genfast.bench"],
-    package_dir={"genfast.kernels": "kernels", "genfast.bench": "bench"},
+    # kernels/ installs as genfast.kernels and bench/ as genfast.bench (the suite behind `genfast bench`); csrc/
+    # as genfast/csrc, the sources of the just-in-time build where the wheel was built without the extension.
+    packages=find_packages(include=["genfast", "genfast.*"]) + ["genfast.kernels", "genfast.bench", "genfast.csrc"],
+    package_dir={"genfast.kernels": "kernels", "genfast.bench": "bench", "genfast.csrc": "csrc"},
+    package_data={"genfast.csrc": ["cpu/*.cpp", "cpu/*.h", "cuda/*.cu"]},
     install_requires=[
         "torch>=2.6",
         "triton; platform_system == 'Linux'",

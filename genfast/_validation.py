@@ -30,6 +30,17 @@ def check_like(x, name: str, ref: torch.Tensor, ref_name: str, *, shape=None, sa
         raise TypeError(f"{name} must have {ref_name}'s dtype {ref.dtype}, got {x.dtype}")
 
 
+def check_noise(noise, ref: torch.Tensor, ref_name: str) -> None:
+    """``noise`` is None or a float tensor like ``ref`` that does not require grad: ε is a constant of the op (no
+    gradient flows to it), so a noise that asks for one is refused rather than silently left without."""
+    if noise is None:
+        return
+    check_like(noise, "noise", ref, ref_name)
+    if noise.requires_grad:
+        raise ValueError("noise must not require grad: the op treats ε as a constant and gives it no gradient "
+                         "(pass noise.detach())")
+
+
 def check_generator(generator, device: torch.device) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -56,6 +67,14 @@ def check_timesteps_range(t: torch.Tensor, num_steps: int, name: str = "t", *, a
     if hi >= num_steps or (lo < 0 and not allow_negative):
         bounds = f"< {num_steps}" if allow_negative else f"in [0, {num_steps})"
         raise ValueError(f"{name} must be {bounds}, got values in [{lo}, {hi}]")
+
+
+def check_timesteps_not_after(t_prev: torch.Tensor, t: torch.Tensor) -> None:
+    """t_prev ≤ t for every sample: a stochastic DDIM step goes back in time (its σ is NaN for t_prev > t). Reads
+    the values (a sync on CUDA)."""
+    if t.numel() and bool((t_prev > t).any()):
+        raise ValueError("t_prev must be <= t for every sample when eta > 0 (DDIM inversion, t_prev > t, is "
+                         "deterministic only: eta = 0)")
 
 
 def match_layout(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,7 +1,11 @@
-"""Atomic checkpoint files and the random-number state a run needs to resume exactly."""
+"""Atomic checkpoint files and the random-number state a run needs to resume exactly.
+
+A checkpoint holds tensors and plain Python values only (dicts, lists, tuples, str, int, float, bool, None) and is
+read with ``torch.load(weights_only=True)``: loading a file never runs code from it."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -20,6 +24,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode of any other new file
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -28,17 +33,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """``torch.save(state)`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The dict saved by :func:`save_checkpoint`; FileNotFoundError names the path when there is none."""
+def load_checkpoint(path: str | os.PathLike, *, keys: tuple[str, ...] = ()) -> dict:
+    """The dict saved by :func:`save_checkpoint`, loaded with ``weights_only=True`` (no code in the file runs).
+    FileNotFoundError names the path when there is none; ValueError, in one line, when the file is not such a dict
+    (damaged, truncated, another format, objects other than tensors and plain values) or lacks one of ``keys``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a refused global, truncated or random bytes, another format: one line each
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):
+            raise ValueError(f"{path} is not a genfast checkpoint: it holds objects other than tensors and plain "
+                             "values, and loading it could run code (refused)") from None
+        raise ValueError(f"{path} is not a readable genfast checkpoint (damaged, truncated or another format: "
+                         f"{type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a genfast checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a genfast checkpoint: it has no {', '.join(map(repr, missing))}")
+    return state
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
@@ -48,7 +74,7 @@ def rng_state(generators: dict[str, torch.Generator]) -> dict:
         torch=torch.get_rng_state(),
         cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         python=random.getstate(),
-        numpy=np.random.get_state(),
+        numpy=_numpy_state(),
         generators={name: g.get_state() for name, g in generators.items()},
     )
 
@@ -58,7 +84,20 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_python_state(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     for name, g in generators.items():
         g.set_state(state["generators"][name])
+
+
+def _numpy_state() -> tuple:
+    """NumPy's global state with its key array as an int64 tensor (a NumPy array would need pickled code)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _python_state(state) -> tuple:
+    """``random.getstate()`` as saved: tuples may come back as lists."""
+    version, internal, gauss_next = state
+    return version, tuple(internal), gauss_next

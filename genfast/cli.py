@@ -1,13 +1,16 @@
 """The ``genfast`` command: ``train {vae,wgan,ddpm}``, ``compare-beta``, ``sample ddpm``, ``info`` and ``bench``.
 
-Exit codes: 0 done, 1 training stopped on a NaN/inf loss, 2 bad flags or paths (one line on stderr, no traceback),
-130 interrupted (after saving a checkpoint)."""
+Exit codes: 0 done, 1 training stopped on a NaN/inf loss, 2 bad flags, paths or files (one line on stderr, no
+traceback), 130 interrupted by SIGINT and 143 by SIGTERM (after saving a checkpoint)."""
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 from pathlib import Path
+
+from .training.config import MAX_SEED
 
 USAGE_ERROR, INTERRUPTED = 2, 130
 
@@ -19,26 +22,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive(kind):
+def _number(kind, accept, expected: str):
+    """An argparse type: ``kind(text)`` when ``accept`` takes it, else "expected <expected>, got <text>"."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _positive(kind):
+    return _number(kind, lambda v: v > 0, f"a positive {kind.__name__}")
+
+
+_seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
+_non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
@@ -59,7 +62,7 @@ def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
     train.add_argument("--max-steps", type=_positive(int), help="stop after this many steps in all")
     train.add_argument("--batch-size", type=_positive(int), default=128, help="images a step over all processes")
     train.add_argument("--lr", type=_positive(float), help=f"Adam learning rate (default {DEFAULT_LR[model]:g})")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--latent-dim", type=_positive(int), default=128)
     train.add_argument("--base-channels", type=_positive(int), help="width of the first layer (model default)")
     run = p.add_argument_group("run")
@@ -83,7 +86,8 @@ def _add_vae(p) -> None:
 
 def _add_wgan(p) -> None:
     p.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 (default 0.0; the original scripts used 0.5)")
-    p.add_argument("--gp-weight", type=float, default=10.0, help="gradient penalty weight lambda (default 10)")
+    p.add_argument("--gp-weight", type=_non_negative_float, default=10.0,
+                   help="gradient penalty weight lambda (default 10)")
     p.add_argument("--n-critic", type=_positive(int), default=5, help="critic steps per generator step (default 5)")
 
 
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
     p.add_argument("--steps", type=_positive(int), help="DDIM steps (default 50; ddpm always runs all T)")
     p.add_argument("--num", type=_positive(int), default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="folder for samples.png")
     p.add_argument("--quiet", action="store_true")
     _add_device(p)
@@ -142,7 +146,7 @@ def _config(args, model: str, **overrides):
              "num_res_blocks", "sample_steps")
     fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
     fields.update(overrides)
-    return RunConfig(model=model, **fields)
+    return RunConfig(model=model, given=tuple(n for n in names if n in args.given), **fields)
 
 
 def _say(args, message: str) -> None:
@@ -178,16 +182,34 @@ def _sample(args) -> int:
     from .training.distributed import World, resolve_device
     from .training.tasks import grid_columns
 
-    saved = load_checkpoint(args.checkpoint)
-    config = RunConfig(**saved["config"])
-    if config.model != "ddpm":
-        raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not ddpm")
+    from ._backend import why_not
+
+    if not args.out.strip():
+        raise UsageError("--out must name a folder, got ''")
+    try:
+        saved = load_checkpoint(args.checkpoint, keys=("config", "channels", "task"))
+        config = RunConfig(**saved["config"])
+        if config.model != "ddpm":
+            raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not ddpm")
+        model = build_ddpm(config, saved["channels"])
+        model.load_state_dict(saved["task"]["modules"]["model"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # RuntimeError: load_state_dict mismatches
+        raise UsageError(f"--checkpoint: {str(exc).strip().splitlines()[0]}") from None
+    if args.sampler == "ddpm" and args.steps not in (None, config.timesteps):
+        raise UsageError(f"--steps: the ddpm sampler runs all T={config.timesteps} steps of this model "
+                         f"(use --sampler ddim for fewer), got {args.steps}")
+    if args.steps is not None and args.steps > config.timesteps:
+        raise UsageError(f"--steps must be <= the model's T={config.timesteps}, got {args.steps}")
     device = resolve_device(args.device, World())
-    model = build_ddpm(config, saved["channels"])
-    model.load_state_dict(saved["task"]["modules"]["model"])
+    reason = why_not(args.backend, device)
+    if reason is not None:
+        raise UsageError(f"--backend {args.backend} is not available on {device}: {reason}")
     model.to(device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
     with genfast.use_backend(args.backend), torch.no_grad():
         images = sample_ddpm(model, args.num, sampler=args.sampler, steps=args.steps,
                              generator=torch.Generator(device=device).manual_seed(args.seed),
@@ -249,9 +271,17 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], command) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    args.given = _given(parser, argv)
     if command is None:
         command = COMMANDS[args.command]
     prog = " ".join(filter(None, ("genfast", getattr(args, "command", "bench"), getattr(args, "model", None))))
+    try:
+        import genfast
+
+        genfast.get_backend()  # a bad $GENFAST_BACKEND is a usage error too
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     try:
         return command(args)
     except (UsageError, FileNotFoundError, NotADirectoryError) as exc:
@@ -262,10 +292,21 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], command) -> int:
         return 1
     except Interrupted as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return INTERRUPTED
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+
+
+def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options that ``argv`` sets explicitly, in ``parser`` and its subcommands."""
+    dests, parsers = {}, [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            dests.update(dict.fromkeys(action.option_strings, action.dest))
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    return {dests[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in dests}
 
 
 COMMANDS = {"train": _train, "compare-beta": _compare_beta, "sample": _sample, "info": _info}

@@ -4,7 +4,8 @@ local CelebA, image folders, MNIST IDX files and scikit-learn's bundled 8×8 dig
 Every dataset yields float32 images (C, H, W) in [0, 1]. ``faces``, ``mnist`` and ``digits`` are held in memory as
 uint8 (20,000 faces at 64×64 take 246 MB); ``celeba`` and ``folder`` keep a list of files, check each file's header
 when the dataset is built (files PIL cannot identify are skipped, with one warning that counts them) and decode an
-image on ``__getitem__``.
+image on ``__getitem__`` (a file whose data turns out damaged, e.g. truncated, is skipped then: the next decodable
+file takes its place, with one warning).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ class ImageDataset(Dataset):
         self.crop = crop
         self.factors = factors
         self.factor_names = tuple(factor_names)
+        self.damaged: list[Path] = []  # files whose data could not be decoded (found on first decode)
 
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else self.images.shape[0]
@@ -53,12 +55,27 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tensor:
         if self.files is None:
             return self.images[index].float() / 255.0
-        path = self.files[index]
-        try:
-            image = _decode(path, channels=self.channels, image_size=self.image_size, crop=self.crop)
-        except OSError as error:  # a file whose header was readable but whose data is not (e.g. truncated)
-            raise OSError(f"cannot decode image {str(path)!r}: {error}") from error
-        return image.float() / 255.0
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            if path in self.damaged:
+                continue
+            try:
+                image = _decode(path, channels=self.channels, image_size=self.image_size, crop=self.crop)
+            except (OSError, ValueError, SyntaxError) as error:  # a readable header over bad data (truncated)
+                self._skip(path, error)
+                continue
+            return image.float() / 255.0
+        raise OSError(f"none of the {len(self.files)} image files can be decoded "
+                      f"(first: {str(self.damaged[0])!r})")
+
+    def _skip(self, path: Path, error: Exception) -> None:
+        """Count a damaged file: it and every later one are replaced by the next decodable file (so a run and
+        its resume see the same images); one warning, at the first."""
+        self.damaged.append(path)
+        if len(self.damaged) == 1:
+            warnings.warn(f"skipping damaged image file {str(path)!r} ({type(error).__name__}: {error}): each damaged "
+                          "file is replaced by the next decodable one; ImageDataset.damaged lists them",
+                          stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter, init
 
-from .ops.group_norm_silu import group_norm_silu
+from .ops.group_norm_silu import check_eps, check_groups, group_norm_silu
 
 
 class GroupNormSiLU(Module):
@@ -22,8 +22,10 @@ class GroupNormSiLU(Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True) -> None:
         super().__init__()
-        if num_channels % num_groups != 0:
-            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        check_groups(num_groups, num_channels, "num_channels")
+        check_eps(eps)
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps

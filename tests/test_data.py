@@ -106,17 +106,41 @@ def test_folder_loader_skips_corrupt_files_with_one_warning(tmp_path):
     torch.testing.assert_close(dataset[2][:, 0, 0], torch.full((3,), 128 / 255))  # grey L image → RGB
 
 
-def test_a_file_truncated_after_its_header_fails_on_access_naming_it(tmp_path):
+def test_a_file_truncated_after_its_header_is_skipped_on_access_with_one_warning(tmp_path):
+    """Header intact, pixel data cut (PNG and JPEG): the file passes the scan; on access it is counted in
+    ``damaged`` and the next decodable file takes its place, with one warning naming it, every time the same."""
     _write_png(tmp_path / "ok.png")
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(tmp_path / "cut.png")
-    data = (tmp_path / "cut.png").read_bytes()
-    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])  # header intact, pixel data cut
+    for name in ("cut.png", "cut.jpg"):
+        Image.fromarray(noise).save(tmp_path / name)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:len(data) // 2])
     dataset = load_dataset("folder", data_dir=tmp_path, image_size=8)
-    assert len(dataset) == 2
-    with pytest.raises(OSError, match="cannot decode image .*cut.png"):
-        dataset[0]
-    assert dataset[1].shape == (3, 8, 8)
+    assert len(dataset) == 3 and [p.name for p in dataset.files] == ["cut.jpg", "cut.png", "ok.png"]
+    with pytest.warns(UserWarning, match="skipping damaged image file .*cut.jpg") as record:
+        first = [dataset[i] for i in range(3)]
+    assert len(record) == 1
+    assert [p.name for p in dataset.damaged] == ["cut.jpg", "cut.png"]
+    ok = dataset[2]
+    assert all(torch.equal(image, ok) for image in first)  # both damaged files are replaced by ok.png
+    assert all(torch.equal(dataset[i], ok) for i in range(3))  # and again, without a new warning
+
+
+def test_training_goes_on_past_damaged_images_and_resumes(tmp_path):
+    from genfast.cli import main
+
+    (tmp_path / "data").mkdir()
+    for i in range(6):
+        noise = np.random.default_rng(i).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "data" / f"{i}.png")
+    data = (tmp_path / "data" / "3.png").read_bytes()
+    (tmp_path / "data" / "3.png").write_bytes(data[:len(data) // 2])
+    flags = ["train", "vae", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "28",
+             "--latent-dim", "2", "--base-channels", "8", "--batch-size", "2", "--backend", "torch", "--quiet",
+             "--out", str(tmp_path / "run")]
+    with pytest.warns(UserWarning, match="damaged image"):
+        assert main([*flags, "--max-steps", "3"]) == 0
+        assert main([*flags, "--max-steps", "5", "--resume"]) == 0
 
 
 def test_folder_loader_center_crops_to_a_square(tmp_path):

@@ -80,7 +80,10 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_after_the_step(tmp_path, signum, code):
+    """Ctrl-C (SIGINT) and SIGTERM (schedulers, docker stop, torchrun's shutdown): the step finishes, a checkpoint
+    is saved, one line says so and the exit code is 128 + the signal."""
     out = tmp_path / "run"
     env = dict(os.environ, GENFAST_BACKEND="reference")
     process = subprocess.Popen([sys.executable, "-m", "genfast", "train", "vae", *TINY, "--out", str(out),
@@ -91,11 +94,11 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
         while not (out / "checkpoint.pt").exists():  # training has started once the first checkpoint is there
             assert process.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert f"checkpoint saved to {out / 'checkpoint.pt'}" in err and "Traceback" not in err
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["step"] >= 1

@@ -36,6 +36,8 @@ def ddpm_step(model_output, t, x_t, schedule, noise=None, *, generator=None):
 
 
 def ddim_step(model_output, t, t_prev, x_t, schedule, eta=0.0, noise=None, *, generator=None):
+    if eta > 0:  # σ is NaN for t_prev > t; checked without reading the values back
+        torch._assert_async((t_prev <= t).all(), "t_prev must be <= t for every sample when eta > 0")
     abar_t = schedule.alphas_cumprod[t]
     abar_p = torch.where(t_prev >= 0, schedule.alphas_cumprod[t_prev.clamp(min=0)], 1.0)
     sigma = eta * ((1 - abar_p) / (1 - abar_t) * (1 - abar_t / abar_p)).sqrt()

@@ -1,8 +1,9 @@
 """The "cpp" backend: C++ kernels (CPU, plus CUDA C++ for GroupNorm + SiLU) registered as internal torch ops.
 
 Build. ``setup.py`` compiles every ``csrc/cpu/*.cpp`` (and, where ``cuda_skip_reason()`` is None, every
-``csrc/cuda/*.cu``) into one extension, ``genfast/_C.*.so``. When that file is absent or older than a source in
-``csrc/`` (a source checkout edited since the build), the first use compiles the same sources just-in-time with
+``csrc/cuda/*.cu``) into one extension, ``genfast/_C.*.so``. When that file is absent (a plain ``pip install .``,
+whose isolated build cannot import torch: the wheel then carries the sources as ``genfast/csrc``) or older than a
+source in ``csrc/`` (a checkout edited since the build), the first use compiles the sources just-in-time with
 ``torch.utils.cpp_extension.load`` into torch's extension cache (once; later runs reuse it). The flags are
 ``compile_flags()`` in both cases. On x86-64 the CPU code is compiled for AVX2 + FMA, so that ``at::vec::Vectorized``
 uses 256-bit registers and a vectorised ``exp``; on a CPU without AVX2 the extension is not loaded and "auto"
@@ -32,6 +33,7 @@ Registration pattern (one per op; the C++ function names are those of the op's r
 from __future__ import annotations
 
 import functools
+import logging
 import importlib.util
 import os
 import platform
@@ -46,7 +48,10 @@ import torch
 
 EXTENSION = "genfast._C"  # built by setup.py
 JIT_NAME = "genfast_cpp"  # the just-in-time build in torch's extension cache
-SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository root in a source checkout
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository root, in a source checkout
+IN_CHECKOUT = (CHECKOUT / "setup.py").is_file() and (CHECKOUT / "csrc" / "cpu").is_dir()
+# where csrc/ is: the checkout's, else the copy an installed package carries (genfast/csrc, for the JIT build)
+SOURCE_ROOT = CHECKOUT if IN_CHECKOUT else Path(__file__).resolve().parents[1]
 JIT_SECONDS = 60  # about how long the just-in-time build of the CPU sources takes on 2 idle cores
 
 
@@ -83,8 +88,21 @@ def sources(root: Path = SOURCE_ROOT, *, cuda: bool) -> list[str]:
     return [str(p) for p in found]
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found, using CUDA_HOME=…" warning
+    (it is printed at import time on every machine without a CUDA runtime; genfast reports CUDA itself)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _nvcc() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
+    CUDA_HOME = _cpp_extension().CUDA_HOME  # noqa: N806
 
     candidate = Path(CUDA_HOME) / "bin" / "nvcc" if CUDA_HOME else None
     if candidate is not None and candidate.exists():
@@ -95,7 +113,7 @@ def _nvcc() -> str | None:
 def cuda_library_dir() -> Path | None:
     """The toolkit's lib64 holding libcudart.so: under CUDA_HOME as torch finds it (from an nvcc on the PATH,
     /usr/local/bin/nvcc gives /usr/local), else under the real path of nvcc, else /usr/local/cuda; None if none."""
-    from torch.utils.cpp_extension import CUDA_HOME
+    CUDA_HOME = _cpp_extension().CUDA_HOME  # noqa: N806
 
     nvcc = _nvcc()
     roots = [CUDA_HOME, Path(nvcc).resolve().parents[1] if nvcc else None, "/usr/local/cuda"]
@@ -134,8 +152,7 @@ def _stale(library: Path, root: Path) -> bool:
 
 def _jit_build() -> str:
     """Compile the sources just-in-time (once; torch caches the build) and load the library; returns its path."""
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     if not sources(cuda=False):
         raise RuntimeError(f"the C++ extension {EXTENSION} is not built and no sources were found under "
                            f"{SOURCE_ROOT / 'csrc'} to compile it")
@@ -172,7 +189,7 @@ def _load() -> str:
     spec = importlib.util.find_spec(EXTENSION)
     if spec is not None and spec.origin is not None:
         library = Path(spec.origin)
-        if not (SOURCE_ROOT / "csrc").is_dir() or not _stale(library, SOURCE_ROOT):
+        if not IN_CHECKOUT or not _stale(library, SOURCE_ROOT):  # an installed copy is never stale
             torch.ops.load_library(str(library))
             return str(library)
     return _jit_build()

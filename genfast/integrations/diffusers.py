@@ -290,7 +290,7 @@ class GenfastDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
 class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
     """``DDIMScheduler`` whose ``add_noise`` is :func:`genfast.q_sample` and whose ``step`` is
     :func:`genfast.ddim_step` (one kernel; with eta > 0 the noise is ``variance_noise`` or drawn in the kernel from
-    a seed taken from ``generator``) for ε-prediction without clipping or thresholding, eta ≥ 0, betas in (0, 1)
+    a seed taken from ``generator``) for ε-prediction without clipping or thresholding, eta in [0, 1], betas in (0, 1)
     and a single generator; anything else runs diffusers' own ``step`` (which also raises its own errors, e.g.
     for ``set_timesteps`` not called). The last step uses ᾱ = 1 with ``set_alpha_to_one`` and ᾱ_0 otherwise, as
     diffusers does. Build it with ``GenfastDDIMScheduler.from_config(scheduler.config)``."""
@@ -304,7 +304,7 @@ class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
         fusable = (t is not None and schedule is not None and self.num_inference_steps is not None
                    and self._fusable_prediction() and _single_generator(generator)
                    and not (generator is not None and variance_noise is not None)
-                   and isinstance(eta, numbers.Real) and eta >= 0 and model_output.shape == sample.shape
+                   and isinstance(eta, numbers.Real) and 0 <= eta <= 1 and model_output.shape == sample.shape
                    and 0 <= t < schedule.num_steps)
         if not fusable:
             return super().step(model_output, timestep, sample, eta=eta,

@@ -12,12 +12,13 @@ from .._backend import implementation, resolve_backend
 from .._rng import draw, draw_seed
 from .._shared import compute_dtype
 from .._validation import (
-    batch_major, check_float_tensor, check_generator, check_like, check_timesteps_range, match_layout,
+    batch_major, check_float_tensor, check_generator, check_like, check_noise, check_timesteps_not_after,
+    check_timesteps_range, match_layout,
 )
 from ..composite import diffusion as composite
 from ..schedule import NoiseSchedule, _check_real
 
-OP = "diffusion"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
+OP = "diffusion"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 Timesteps = Union[int, Tensor]
 
 
@@ -135,6 +136,8 @@ def _ddim_step_op(
 ) -> Tensor:
     check_timesteps_range(t, alphas_cumprod.shape[0])
     check_timesteps_range(t_prev, alphas_cumprod.shape[0], "t_prev", allow_negative=True)
+    if eta > 0:
+        check_timesteps_not_after(t_prev, t)
     return _impl(backend).ddim_step(model_output, t, t_prev, x_t, noise, seed, eta, alphas_cumprod,
                                     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
 
@@ -235,8 +238,7 @@ def _prepare(x, x_name: str, schedule, t, noise, generator, *, draw_t: bool = Fa
     """Checks the arguments every op shares; returns (x, t, noise): x batch-major, noise in its layout and dtype,
     t a (B,) int64 tensor (drawn uniformly in [0, T) from ``generator`` when None and ``draw_t``)."""
     check_float_tensor(x, x_name, min_dim=1)
-    if noise is not None:
-        check_like(noise, "noise", x, x_name)
+    check_noise(noise, x, x_name)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a genfast.NoiseSchedule, got {type(schedule).__name__}")
     if schedule.betas.device != x.device:
@@ -272,8 +274,9 @@ def _noise_and_seed(noise, x, generator, needed: bool):
 def q_sample(x0: Tensor, t: Timesteps, schedule: NoiseSchedule, noise: Optional[Tensor] = None, *,
              generator: Optional[torch.Generator] = None) -> Tensor:
     """Forward noising x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, per sample: ``t`` is an int or an integer tensor of shape
-    (B,) in [0, T). ε is ``noise`` (cast to x0's dtype; it gets no gradient) when given, else Philox noise drawn in
-    the kernel from a seed taken from ``generator`` (torch's default when None): the stream of
+    (B,) in [0, T). ε is ``noise`` when given (cast to x0's dtype; a constant, so one that requires grad is
+    refused), else Philox noise drawn in the kernel from a seed taken from ``generator`` (torch's default when
+    None): the stream of
     ``genfast.reference.random.noise_like(x0, seed)``. Differentiable in x0."""
     x0, t, noise = _prepare(x0, "x0", schedule, t, noise, generator)
     backend = resolve_backend(x0.device, x0.dtype, OP)
@@ -292,6 +295,8 @@ def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedu
     x_t and the loss regenerates ε in its forward and backward. Gradients reach the model through ε̂ and x0
     through x_t when x0 requires grad."""
     x0, t, _ = _prepare(x0, "x0", schedule, t, None, generator, draw_t=True)
+    if x0.numel() == 0:
+        raise ValueError(f"x0 must have at least one element: the loss is a mean, got shape {tuple(x0.shape)}")
     backend = resolve_backend(x0.device, x0.dtype, OP)
     if backend == "torch":
         return composite.diffusion_loss(_checked_model(model, x0), x0, schedule, t=t, generator=generator)
@@ -321,8 +326,9 @@ def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSc
         x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t,   x_{t−1} = c1_t·x̂_0 + c2_t·x_t + √β̃_t·z
 
     with c1, c2, β̃ the posterior tables of ``schedule`` (β̃_0 = 0: no noise at t = 0). ``model_output`` is ε̂;
-    ``t`` an int or an integer tensor (B,) in [0, T). z is ``noise`` when given (it gets no gradient), else Philox
-    noise from ``generator`` as in :func:`q_sample`. Differentiable in model_output and x_t."""
+    ``t`` an int or an integer tensor (B,) in [0, T). z is ``noise`` when given (a constant: one that requires grad
+    is refused), else Philox noise from ``generator`` as in :func:`q_sample`. Differentiable in model_output and
+    x_t."""
     noisy = not (isinstance(t, numbers.Integral) and t == 0)
     model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
     backend = resolve_backend(x_t.device, x_t.dtype, OP)
@@ -343,14 +349,15 @@ def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor
         x_prev = √ᾱ_p·x̂_0 + √(1−ᾱ_p−σ²)·ε̂ + σ·z
 
     with ᾱ_p = ᾱ_{t_prev}, and ᾱ_p = 1 when t_prev < 0 (the last step). ``t`` in [0, T) and ``t_prev`` < T are ints
-    or integer tensors (B,). ``eta`` ≥ 0; with eta = 0 the step is deterministic and ``noise`` is unused (then
-    t_prev > t, DDIM inversion, is allowed too). z is ``noise`` when given (it gets no gradient), else Philox
-    noise from ``generator`` as in :func:`q_sample`. Differentiable in model_output and x_t."""
+    or integer tensors (B,). ``eta`` in [0, 1]; with eta = 0 the step is deterministic and ``noise`` is unused (then
+    t_prev > t, DDIM inversion, is allowed too); eta > 0 needs t_prev ≤ t. z is ``noise`` when given (a constant:
+    one that requires grad is refused), else Philox noise from ``generator`` as in :func:`q_sample`. Differentiable
+    in model_output and x_t."""
     model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
     t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, allow_negative=True)
     eta = _check_real(eta, "eta")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (1: the DDPM posterior variance), got {eta}")
     backend = resolve_backend(x_t.device, x_t.dtype, OP)
     if backend == "torch":
         return composite.ddim_step(model_output, t, t_prev, x_t, schedule, eta, noise, generator=generator)

@@ -15,7 +15,7 @@ from .._shared import compute_dtype
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
 from ..composite import gradient_penalty as composite
 
-OP = "gradient_penalty"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
+OP = "gradient_penalty"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 
 
 def _impl(backend: str):

@@ -12,7 +12,7 @@ from .._shared import compute_dtype
 from .._validation import check_float_tensor, check_like, match_layout
 from ..composite import group_norm_silu as composite
 
-OP = "group_norm_silu"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
+OP = "group_norm_silu"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 ACTIVATIONS = ("silu", None)
 
 
@@ -95,24 +95,33 @@ def _kernel_layout(x: Tensor) -> Tensor:
     return dense.copy_(x) if _kernel_ready(dense) else x.contiguous()
 
 
-def _check_args(x, num_groups, weight, bias, eps, add, scale, shift, activation) -> None:
-    check_float_tensor(x, "x", min_dim=2)
+def check_groups(num_groups, channels: int, channels_name: str) -> None:
+    """``num_groups`` is an int dividing ``channels`` (TypeError / ValueError naming both otherwise)."""
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
-    channels = x.shape[1]
     if num_groups < 1 or channels % num_groups:
-        raise ValueError(f"num_groups must be a positive divisor of the number of channels C={channels} of x, "
+        raise ValueError(f"num_groups must be a positive divisor of {channels_name}={channels}, "
                          f"got num_groups={num_groups}")
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+
+
+def _check_args(x, num_groups, weight, bias, eps, add, scale, shift, activation) -> None:
+    check_float_tensor(x, "x", min_dim=2)
+    channels = x.shape[1]
+    check_groups(num_groups, channels, "the number of channels of x, C")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_like(t, name, x, "x", shape=(channels,))
     for name, t in (("add", add), ("scale", scale), ("shift", shift)):
         if t is not None:
             check_like(t, name, x, "x", shape=x.shape[:2])
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    check_eps(eps)
     if not (activation is None or (isinstance(activation, str) and activation == "silu")):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 

@@ -9,10 +9,10 @@ from torch import Tensor
 from .._backend import implementation, resolve_backend
 from .._rng import draw_seed
 from .._shared import compute_dtype
-from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
+from .._validation import batch_major, check_float_tensor, check_generator, check_like, check_noise, match_layout
 from ..composite import reparameterize as composite
 
-OP = "reparameterize"  # the name of this op's module in every layer (kernels/, genfast/reference/, csrc/cpu/, ...)
+OP = "reparameterize"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 
 
 def _impl(backend: str):
@@ -71,8 +71,7 @@ def _check(mu, logvar, noise, generator) -> str:
     """Checks the arguments; returns the backend."""
     check_float_tensor(mu, "mu", min_dim=1)
     check_like(logvar, "logvar", mu, "mu", same_dtype=True)
-    if noise is not None:
-        check_like(noise, "noise", mu, "mu")
+    check_noise(noise, mu, "mu")
     check_generator(generator, mu.device)
     return resolve_backend(mu.device, mu.dtype, OP)
 
@@ -93,8 +92,9 @@ def _fused(mu, logvar, noise, generator, backend, want_z: bool, want_kl: bool):
 def reparameterize_kl(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,
                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """(z, kl) in one pass: z = μ + exp(½·logvar)·ε and kl = ½·Σ(μ² + e^logvar − 1 − logvar) over all dims but the
-    first, shape (B,), fp32. ε is ``noise`` when given, else Philox noise drawn in the kernel from a seed taken
-    from ``generator`` (torch's default when None) and regenerated in the backward, never stored."""
+    first, shape (B,), fp32. ε is ``noise`` when given (a constant: one that requires grad is refused), else Philox
+    noise drawn in the kernel from a seed taken from ``generator`` (torch's default when None) and regenerated in
+    the backward, never stored."""
     backend = _check(mu, logvar, noise, generator)
     if backend == "torch":
         return composite.reparameterize_kl(mu, logvar, noise, generator=generator)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,10 +11,12 @@ class UsageError(ValueError):
 
 
 MODELS = ("vae", "wgan", "ddpm")
+MAX_SEED = 2**32 - 1  # NumPy's global seed is a 32-bit word
 DEFAULT_LR = {"vae": 1e-3, "wgan": 1e-4, "ddpm": 2e-4}
 
 # Fields a --resume run takes from the command line; every other field comes from the checkpoint.
-RUN_FIELDS = ("out", "epochs", "max_steps", "checkpoint_every", "backend", "device", "quiet", "resume", "workers")
+RUN_FIELDS = ("out", "epochs", "max_steps", "checkpoint_every", "backend", "device", "quiet", "resume", "workers",
+              "given")
 
 
 @dataclass(kw_only=True)
@@ -54,11 +57,13 @@ class RunConfig:
     device: str = "auto"
     quiet: bool = False
     resume: bool = False
+    given: tuple[str, ...] = ()  # the fields set explicitly (CLI flags given): a resume warns about those it ignores
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         self.channel_mult = tuple(self.channel_mult)
+        self.given = tuple(self.given)
 
     @property
     def learning_rate(self) -> float:
@@ -71,10 +76,32 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def resumed_from(self, saved: dict) -> "RunConfig":
-        """This run's length settings on the saved run's model, data and optimisation settings."""
-        if saved["model"] != self.model:
-            raise ValueError(f"the checkpoint in {self.out} is a {saved['model']} run, not {self.model}")
+    def check(self) -> None:
+        """The settings that no single flag's parser can check, before anything runs: :class:`UsageError`."""
+        if not str(self.out).strip():
+            raise UsageError("--out must name a folder, got ''")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if not (math.isfinite(self.gp_weight) and self.gp_weight >= 0):
+            raise UsageError(f"--gp-weight must be a finite number >= 0, got {self.gp_weight}")
+        if self.model == "ddpm" and self.sample_steps > self.timesteps:
+            raise UsageError(f"--sample-steps {self.sample_steps} must be <= --timesteps {self.timesteps}")
+
+    def resumed_from(self, saved: dict, given: tuple[str, ...] = ()) -> tuple["RunConfig", list[str]]:
+        """(this run's length settings on the saved run's model, data and optimisation settings; the fields in
+        ``given`` — set explicitly — whose value the checkpoint's replaced, each as "--flag value (checkpoint:
+        saved value)")."""
+        if not isinstance(saved, dict) or saved.get("model") != self.model:
+            what = saved.get("model") if isinstance(saved, dict) else None
+            raise ValueError(f"the checkpoint in {self.out} is a {what} run, not {self.model}")
         fields = {name: value for name, value in saved.items() if name not in RUN_FIELDS}
         fields.update({name: getattr(self, name) for name in RUN_FIELDS})
-        return RunConfig(**fields)
+        ignored = [f"--{name.replace('_', '-')} {getattr(self, name)} (checkpoint: {fields[name]})"
+                   for name in given if name not in RUN_FIELDS and name in fields
+                   and _same(getattr(self, name)) != _same(fields[name])]
+        return RunConfig(**fields), ignored
+
+
+def _same(value):
+    """A setting in one form for comparison (a channel_mult list from the CLI equals the saved tuple)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -120,7 +120,8 @@ class VAETask(Task):
         save_image_grid(torch.cat([inputs, model.reconstruct(inputs)]), out / "reconstructions.png", nrow=8,
                         scale=2, row_labels=("input", "recon"))
         save_image_grid(model.sample(16, generator=self._generator()), out / "samples.png", nrow=4, scale=2)
-        frames = model.interpolate(preview[0:8:2], preview[1:8:2], steps=8)
+        pairs = max(1, min(4, len(preview) // 2))  # a lone image interpolates to itself
+        frames = model.interpolate(preview[0:2 * pairs:2], preview[1 % len(preview):2 * pairs:2], steps=8)
         save_image_grid(frames.flatten(0, 1), out / "interpolation.png", nrow=8, scale=2)
 
 
