@@ -110,24 +110,28 @@ def _resolve(name: str, op: str, device_type: str, dtype: torch.dtype, interpret
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_cached(name, op, device_type, dtype, interpret):
+def _resolve_cached(name, op, device_type, dtype, interpret) -> str:
+    """The concrete backend, or the error message when ``name`` cannot run (returned, not raised: an exception
+    inside an assumed-constant call would reach the user wrapped by torch.compile)."""
     if name == "auto":
         candidate = "triton" if device_type == "cuda" else "cpp"
         return candidate if why_not(candidate, device_type, dtype, op) is None else "reference"
     reason = why_not(name, device_type, dtype, op)
     if reason is None:
         return name
-    error = TypeError if dtype not in KERNEL_DTYPES else RuntimeError
-    raise error(f"genfast backend {name!r} cannot run {op} on {dtype} tensors on {device_type}: {reason}")
+    return f"genfast backend {name!r} cannot run {op} on {dtype} tensors on {device_type}: {reason}"
 
 
 def resolve_backend(device: torch.device, dtype: torch.dtype, op: str) -> str:
     """The concrete backend ("reference", "torch", "triton" or "cpp") for ``op`` on ``dtype`` tensors on ``device``.
 
     Under "auto" the Triton interpreter is never chosen (a correctness tool, not a speed-up), nor "torch"; float64
-    runs on the reference. An explicit backend that cannot run raises the table's reason. Cached per
-    (backend, op, device type, dtype)."""
-    return _resolve(get_backend(), op, device.type, dtype, triton_interpret())
+    runs on the reference. An explicit backend that cannot run raises the table's reason (TypeError for a dtype,
+    RuntimeError otherwise). Cached per (backend, op, device type, dtype)."""
+    resolved = _resolve(get_backend(), op, device.type, dtype, triton_interpret())
+    if resolved not in BACKENDS:
+        raise (TypeError if dtype not in KERNEL_DTYPES else RuntimeError)(resolved)
+    return resolved
 
 
 class _CppOps:

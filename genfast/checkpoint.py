@@ -52,7 +52,8 @@ def load_checkpoint(path: str | os.PathLike, *, keys: tuple[str, ...] = ()) -> d
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):  # NumPy states of older checkpoints
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a refused global, truncated or random bytes, another format: one line each
         if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in str(exc):
             raise ValueError(f"{path} is not a genfast checkpoint: it holds objects other than tensors and plain "
@@ -86,7 +87,8 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(_python_state(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in older checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     for name, g in generators.items():
         g.set_state(state["generators"][name])
 
@@ -101,3 +103,10 @@ def _python_state(state) -> tuple:
     """``random.getstate()`` as saved: tuples may come back as lists."""
     version, internal, gauss_next = state
     return version, tuple(internal), gauss_next
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain NumPy array needs (data only, no code): checkpoints written before genfast stored
+    NumPy's state as a tensor hold one."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]

@@ -182,7 +182,7 @@ def _sample(args) -> int:
     from .training.distributed import World, resolve_device
     from .training.tasks import grid_columns
 
-    from ._backend import why_not
+    import dataclasses
 
     if not args.out.strip():
         raise UsageError("--out must name a folder, got ''")
@@ -201,7 +201,7 @@ def _sample(args) -> int:
     if args.steps is not None and args.steps > config.timesteps:
         raise UsageError(f"--steps must be <= the model's T={config.timesteps}, got {args.steps}")
     device = resolve_device(args.device, World())
-    reason = why_not(args.backend, device)
+    reason = dataclasses.replace(config, backend=args.backend).backend_reason(device)
     if reason is not None:
         raise UsageError(f"--backend {args.backend} is not available on {device}: {reason}")
     model.to(device)
@@ -306,7 +306,13 @@ def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
             dests.update(dict.fromkeys(action.option_strings, action.dest))
             if isinstance(action, argparse._SubParsersAction):
                 parsers += list(action.choices.values())
-    return {dests[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in dests}
+    given = set()
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        matches = [name] if name in dests else [o for o in dests if name.startswith("--") and o.startswith(name)]
+        if len({dests[o] for o in matches}) == 1:  # exact, or an abbreviation argparse accepts (unambiguous)
+            given.add(dests[matches[0]])
+    return given
 
 
 COMMANDS = {"train": _train, "compare-beta": _compare_beta, "sample": _sample, "info": _info}

@@ -244,3 +244,39 @@ def test_deterministic_ddim_inversion_and_a_step_to_the_same_timestep_stay_allow
     set_alpha_to_one)."""
     assert torch.isfinite(genfast.ddim_step(X, 10, 20, X, SCHEDULE, eta=0.0)).all()
     assert torch.isfinite(genfast.ddim_step(X, 0, 0, X, SCHEDULE, eta=1.0)).all()
+
+
+def test_checkpoints_of_older_genfast_with_numpy_states_still_load(tmp_path):
+    """Before weights_only loading, NumPy's state was saved as an ndarray: such files load (data, no code) and
+    restore it."""
+    import numpy as np
+
+    from genfast.checkpoint import set_rng_state
+
+    state = dict(torch=torch.get_rng_state(), cuda=None, python=__import__("random").getstate(),
+                 numpy=np.random.get_state(), generators={})
+    torch.save(dict(config={}, rng=[state]), tmp_path / "old.pt")
+    expected = np.random.rand()
+    set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"][0], {})
+    assert np.random.rand() == expected
+
+
+def test_backend_checks_every_op_the_model_runs():
+    """--backend cpp on CUDA: C++ has only GroupNorm there, so a VAE (reparameterize) is refused before it starts."""
+    from genfast.training import RunConfig
+
+    assert "no cuda kernels for reparameterize" in RunConfig(model="vae", out="x", backend="cpp").backend_reason("cuda")
+    assert RunConfig(model="ddpm", out="x", backend="reference").backend_reason("cuda") is None
+
+
+def test_abbreviated_flags_count_as_given_for_the_resume_warning():
+    from genfast.cli import _given, build_parser
+
+    given = _given(build_parser(), ["train", "wgan", "--gp", "5", "--lr=0.1", "--b", "3", "--out", "x"])
+    assert given == {"gp_weight", "lr", "out"}  # --b is ambiguous (--batch-size, --beta1, --backend, ...)
+
+
+def test_backend_errors_keep_their_type_under_torch_compile():
+    with genfast.use_backend("cpp"), pytest.raises(TypeError, match="cannot run group_norm_silu on torch.float64"):
+        torch.compile(lambda x: genfast.group_norm_silu(x, 2), backend="eager")(
+            torch.randn(2, 4, 3, dtype=torch.float64))

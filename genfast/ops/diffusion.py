@@ -353,11 +353,14 @@ def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor
     t_prev > t, DDIM inversion, is allowed too); eta > 0 needs t_prev ≤ t. z is ``noise`` when given (a constant:
     one that requires grad is refused), else Philox noise from ``generator`` as in :func:`q_sample`. Differentiable
     in model_output and x_t."""
-    model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
-    t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, allow_negative=True)
     eta = _check_real(eta, "eta")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1] (1: the DDPM posterior variance), got {eta}")
+    if eta > 0 and all(isinstance(v, numbers.Integral) for v in (t, t_prev)) and t_prev > t:  # on the host
+        raise ValueError(f"t_prev must be <= t when eta > 0, got t={t}, t_prev={t_prev} (DDIM inversion, "
+                         "t_prev > t, is deterministic only: eta = 0)")
+    model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
+    t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, allow_negative=True)
     backend = resolve_backend(x_t.device, x_t.dtype, OP)
     if backend == "torch":
         return composite.ddim_step(model_output, t, t_prev, x_t, schedule, eta, noise, generator=generator)

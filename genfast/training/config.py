@@ -11,6 +11,7 @@ class UsageError(ValueError):
 
 
 MODELS = ("vae", "wgan", "ddpm")
+MODEL_OPS = {"vae": ("reparameterize",), "wgan": ("gradient_penalty",), "ddpm": ("diffusion", "group_norm_silu")}
 MAX_SEED = 2**32 - 1  # NumPy's global seed is a 32-bit word
 DEFAULT_LR = {"vae": 1e-3, "wgan": 1e-4, "ddpm": 2e-4}
 
@@ -75,6 +76,16 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def backend_reason(self, device) -> str | None:
+        """Why ``backend`` cannot run this model's genfast ops on ``device`` (the first that it cannot), or None."""
+        from .._backend import why_not
+
+        for op in MODEL_OPS[self.model]:
+            reason = why_not(self.backend, device, op=op)
+            if reason is not None:
+                return reason
+        return None
 
     def check(self) -> None:
         """The settings that no single flag's parser can check, before anything runs: :class:`UsageError`."""

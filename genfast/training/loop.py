@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 import genfast
-from .._backend import why_not
 from ..checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..plots import plot_losses
 from .config import RunConfig, UsageError
@@ -206,7 +205,7 @@ def _settings(config: RunConfig, world: World) -> tuple[RunConfig, dict | None, 
             print(f"warning: --resume continues the checkpoint's run and ignores {'; '.join(ignored)}",
                   file=sys.stderr)
     device = resolve_device(config.device, world)
-    reason = why_not(config.backend, device)
+    reason = config.backend_reason(device)
     if reason is not None:
         raise UsageError(f"--backend {config.backend} is not available: {reason}")
     if config.batch_size % world.size:
