@@ -95,8 +95,9 @@ def why_not(backend: str, device: str | torch.device = "cpu", dtype: torch.dtype
         has = ", ".join(f"{o} on {'/'.join(DEVICES[backend][o])}" for o in OPS)
         return f"it has no {device_type} kernels for {op or 'any op'} (it has {has})"
     if backend == "triton":
-        if _triton_import_error() is not None:
-            return _triton_import_error()
+        error = _triton_import_error()
+        if error is not None:
+            return error
         if device_type == "cpu" and not triton_interpret():
             return ("on CPU tensors it runs the Triton interpreter, which needs TRITON_INTERPRET=1 in the "
                     "environment before genfast is imported")

@@ -69,10 +69,10 @@ def check_timesteps_range(t: torch.Tensor, num_steps: int, name: str = "t", *, a
         raise ValueError(f"{name} must be {bounds}, got values in [{lo}, {hi}]")
 
 
-def check_timesteps_not_after(t_prev: torch.Tensor, t: torch.Tensor) -> None:
-    """t_prev ≤ t for every sample: a stochastic DDIM step goes back in time (its σ is NaN for t_prev > t). Reads
-    the values (a sync on CUDA)."""
-    if t.numel() and bool((t_prev > t).any()):
+def check_timesteps_not_after(t_prev, t) -> None:
+    """t_prev ≤ t for every sample: a stochastic DDIM step goes back in time (its σ is NaN for t_prev > t). Ints, or
+    tensors whose values it reads (a sync on CUDA)."""
+    if bool((torch.as_tensor(t_prev) > torch.as_tensor(t)).any()):
         raise ValueError("t_prev must be <= t for every sample when eta > 0 (DDIM inversion, t_prev > t, is "
                          "deterministic only: eta = 0)")
 

@@ -276,8 +276,7 @@ def q_sample(x0: Tensor, t: Timesteps, schedule: NoiseSchedule, noise: Optional[
     """Forward noising x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, per sample: ``t`` is an int or an integer tensor of shape
     (B,) in [0, T). ε is ``noise`` when given (cast to x0's dtype; a constant, so one that requires grad is
     refused), else Philox noise drawn in the kernel from a seed taken from ``generator`` (torch's default when
-    None): the stream of
-    ``genfast.reference.random.noise_like(x0, seed)``. Differentiable in x0."""
+    None): the stream of ``genfast.reference.random.noise_like(x0, seed)``. Differentiable in x0."""
     x0, t, noise = _prepare(x0, "x0", schedule, t, noise, generator)
     backend = resolve_backend(x0.device, x0.dtype, OP)
     if backend == "torch":
@@ -356,9 +355,8 @@ def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor
     eta = _check_real(eta, "eta")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1] (1: the DDPM posterior variance), got {eta}")
-    if eta > 0 and all(isinstance(v, numbers.Integral) for v in (t, t_prev)) and t_prev > t:  # on the host
-        raise ValueError(f"t_prev must be <= t when eta > 0, got t={t}, t_prev={t_prev} (DDIM inversion, "
-                         "t_prev > t, is deterministic only: eta = 0)")
+    if eta > 0 and all(isinstance(v, numbers.Integral) for v in (t, t_prev)):  # on the host, for every backend
+        check_timesteps_not_after(t_prev, t)
     model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
     t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, allow_negative=True)
     backend = resolve_backend(x_t.device, x_t.dtype, OP)
