@@ -32,3 +32,14 @@ clean:
 demo: $(STAMP)
 	$(PY) -m genfast compare-beta --betas 1 4 --dataset faces --num-samples 10000 --holdout 512 --image-size 64 \
 		--latent-dim 32 --batch-size 64 --epochs 15 --out runs/demo
+
+# `make gpu-check`: one GPU validation run with the machine's own $(PYTHON) — no venv, nothing downloaded: an
+# offline editable install with the CUDA extension (MAX_JOBS = the cores), TRITON_INTERPRET=0, tests/test_gpu.py,
+# the bench's GPU set, the static predictions next to the measured times; stages in order of value, each under its
+# own timeout, the whole within 8 minutes; results in bench/results/<gpu>-<date>/ (README "GPU validation").
+# DRY_RUN=1: the same stages on the CPU with tiny shapes, into a temporary folder (CI: tests/test_gpu_check.py).
+# GPU_CHECK_OUT=DIR writes elsewhere; GPU_CHECK_ARGS passes more options (python -m bench.gpu_check --help).
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(if $(filter 1,$(DRY_RUN)),--dry-run) \
+		$(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)

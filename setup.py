@@ -67,6 +67,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pillow",
+        "torchmetrics",  # FID and KID of genfast eval (with genfast's own feature network: no torch-fidelity)
     ],
     extras_require={
         "diffusers": ["diffusers"],

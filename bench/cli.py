@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--integrations", action="store_true",
                         help="only the diffusers rows: UNet2DModel training step and AutoencoderKL decode, patched "
                              "with apply_genfast against unpatched (needs diffusers)")
+    parser.add_argument("--static", action="store_true",
+                        help="no timing: compile for sm_90 the Triton variants the launchers pick for the shape "
+                             "table, read their machine code and predict time and bandwidth on an H200 and an H100 "
+                             "(see bench/README.md); with --quick the subset the tests check")
+    parser.add_argument("--overhead", action="store_true",
+                        help="host cost per call: every op on tiny tensors, each backend against the eager "
+                             "composite, with and without grad, interleaved")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"results folder (default: ./{DEFAULT_OUT}/ under the current directory)")
@@ -177,6 +184,12 @@ def _stem(args, device: torch.device, stamp: datetime) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the suite; returns 0 (failed rows are reported in the table, not fatal), 2 on a bad argument."""
+    if args.static:
+        from . import static
+        return static.run(args)
+    if args.overhead:
+        from . import overhead
+        return overhead.run(args)
     try:
         device = _check(args)
     except ValueError as exc:

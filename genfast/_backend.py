@@ -106,14 +106,15 @@ def why_not(backend: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the result
-def _resolve(name: str, op: str, device_type: str, dtype: torch.dtype, interpret: bool) -> str:
-    return _resolve_cached(name, op, device_type, dtype, interpret)
+def _resolve(name: str, op: str, device: torch.device, dtype: torch.dtype, interpret: bool) -> str:
+    return _resolve_cached(name, op, device, dtype, interpret)
 
 
 @functools.lru_cache(maxsize=None)
-def _resolve_cached(name, op, device_type, dtype, interpret) -> str:
+def _resolve_cached(name, op, device, dtype, interpret) -> str:
     """The concrete backend, or the error message when ``name`` cannot run (returned, not raised: an exception
     inside an assumed-constant call would reach the user wrapped by torch.compile)."""
+    device_type = device.type
     if name == "auto":
         candidate = "triton" if device_type == "cuda" else "cpp"
         return candidate if why_not(candidate, device_type, dtype, op) is None else "reference"
@@ -128,8 +129,13 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, op: str) -> str:
 
     Under "auto" the Triton interpreter is never chosen (a correctness tool, not a speed-up), nor "torch"; float64
     runs on the reference. An explicit backend that cannot run raises the table's reason (TypeError for a dtype,
-    RuntimeError otherwise). Cached per (backend, op, device type, dtype)."""
-    resolved = _resolve(get_backend(), op, device.type, dtype, triton_interpret())
+    RuntimeError otherwise). Cached per (backend, op, device, dtype), and per ``TRITON_INTERPRET`` for "triton" (the
+    only name it changes); outside torch.compile the cache is read directly (the assumed-constant wrapper costs more
+    than the lookup)."""
+    name = get_backend()
+    interpret = name == "triton" and triton_interpret()
+    resolve = _resolve if torch.compiler.is_compiling() else _resolve_cached
+    resolved = resolve(name, op, device, dtype, interpret)
     if resolved not in BACKENDS:
         raise (TypeError if dtype not in KERNEL_DTYPES else RuntimeError)(resolved)
     return resolved
@@ -137,10 +143,12 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, op: str) -> str:
 
 class _CppOps:
     """The C++ kernels of one op, with the reference module's function names: ``f`` is ``torch.ops.genfast.cpp_f``
-    (the extension is loaded on first use)."""
+    (the extension is loaded on first use; each op is looked up once, then kept as an attribute)."""
 
     def __getattr__(self, name: str):
-        return getattr(cpp.ops(), f"cpp_{name}")
+        kernel = getattr(cpp.ops(), f"cpp_{name}")
+        setattr(self, name, kernel)
+        return kernel
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,3 +159,63 @@ def implementation(backend: str, op: str):
     if backend == "cpp":
         return _CppOps()
     return importlib.import_module(f"{MODULES.get(backend, MODULES['reference'])}.{op}")
+
+
+def _launch(fn, args: tuple):
+    """``fn(*args)`` on the device of the first tensor in ``args``: Triton and the CUDA C++ kernels launch on the
+    current CUDA device, so tensors on another one run under ``torch.cuda.device`` (entered only then: the check
+    reads two integers)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            if arg.is_cuda and arg.get_device() != torch.cuda.current_device():
+                with torch.cuda.device(arg.get_device()):
+                    return fn(*args)
+            break
+    return fn(*args)
+
+
+def run(op: str, name: str, *args):
+    """``implementation(backend, op).<name>(*args')`` on its tensors' device, where ``args = (*args', backend)``:
+    the body of every registered op, and of its direct eager call (:class:`FusedOp`)."""
+    return _launch(getattr(implementation(args[-1], op), name), args[:-1])
+
+
+def _traced(args: tuple) -> bool:
+    """Something traces or intercepts a call on ``args``: torch.compile / export / jit tracing, a dispatch mode
+    (FakeTensorMode, FunctionalTensorMode, ...: the __torch_dispatch__ subclasses come with theirs), a function mode
+    (e.g. ``with torch.device(...)``), a functorch transform, or a tensor with a __torch_function__ override."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None or torch._C._has_torch_function(args))
+
+
+class FusedOp:
+    """A registered op (``torch.library.custom_op`` whose last argument is the resolved backend and whose body is
+    ``run(op, name, ...)``) and the way the public functions call it.
+
+    In plain eager mode (not :func:`_traced`) a call runs the body itself: directly when no gradient is recorded,
+    else in a ``torch.autograd.Function`` made of the op's own ``setup_context`` and ``backward``. That is the same
+    code the registered op runs, without the dispatcher's two Python kernels (~20 µs a call on a CPU). Otherwise —
+    torch.compile, export, a mode, a tensor subclass, or a gradient through an op that has none (its registered
+    form raises a clear error on backward) — it calls the registered op."""
+
+    def __init__(self, op, family: str, name: str, *, setup_context=None, backward=None):
+        self.op, self.family, self.name = op, family, name
+        self._autograd = None
+        if backward is not None:
+            op.register_autograd(backward, setup_context=setup_context)
+
+            def forward(ctx, *args):
+                output = run(family, name, *args)
+                setup_context(ctx, args, output)
+                return output
+
+            self._autograd = type(f"{name}_function", (torch.autograd.Function,),
+                                  dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+    def __call__(self, *args):
+        if _traced(args):
+            return self.op(*args)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return self.op(*args) if self._autograd is None else self._autograd.apply(*args)
+        return run(self.family, self.name, *args)

@@ -4,26 +4,28 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FLOAT_DTYPES = frozenset(FLOAT_DTYPES)  # a set lookup: these checks run on every call
+INTEGER_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))  # timesteps
 
 
 def check_float_tensor(x, name: str, *, min_dim: int = 0, dim: int | None = None) -> None:
     """``x`` is a floating-point tensor of fp32/bf16/fp16/fp64 with at least ``min_dim`` (or exactly ``dim``) dims."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16 or float64), got {x.dtype}")
     if dim is not None and x.dim() != dim:
         raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(x.shape)}")
-    if x.dim() < min_dim:
+    if min_dim and x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
 
 
 def check_like(x, name: str, ref: torch.Tensor, ref_name: str, *, shape=None, same_dtype: bool = False) -> None:
     """``x`` is a float tensor on ``ref``'s device with shape ``shape`` (default: ``ref``'s shape)."""
     check_float_tensor(x, name)
-    expected = tuple(ref.shape) if shape is None else tuple(shape)
-    if tuple(x.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected} (from {ref_name}), got {tuple(x.shape)}")
+    expected = ref.shape if shape is None else shape
+    if x.shape != expected:
+        raise ValueError(f"{name} must have shape {tuple(expected)} (from {ref_name}), got {tuple(x.shape)}")
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}: they must be on one device")
     if same_dtype and x.dtype != ref.dtype:
@@ -58,23 +60,37 @@ def batch_major(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def check_timesteps_range(t: torch.Tensor, num_steps: int, name: str = "t", *, allow_negative: bool = False) -> None:
-    """Every entry of the integer tensor ``t`` lies in [0, num_steps) (below num_steps with ``allow_negative``).
-    Reads the values (a sync on CUDA)."""
-    if t.numel() == 0:
+def assert_all(condition: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless every entry of the bool tensor ``condition`` holds, without reading it back:
+    ``torch._assert_async`` fails at once on the CPU and, on a GPU, as a device-side assert that the next
+    synchronizing call reports (under torch.compile its RuntimeError)."""
+    try:
+        torch._assert_async(condition.all(), message)
+    except RuntimeError:  # the CPU's immediate failure
+        raise ValueError(message) from None
+
+
+def check_timesteps_range(t, num_steps: int, name: str = "t", *, allow_negative: bool = False) -> None:
+    """Every entry of ``t`` (an int, or an integer tensor) lies in [0, num_steps) (below num_steps with
+    ``allow_negative``): an int on the host, a tensor with :func:`assert_all` (no read-back, no sync)."""
+    bounds = f"< {num_steps}" if allow_negative else f"in [0, {num_steps})"
+    if not isinstance(t, torch.Tensor):
+        if t >= num_steps or (t < 0 and not allow_negative):
+            raise ValueError(f"{name} must be {bounds}, got {t}")
         return
-    lo, hi = (int(v) for v in torch.aminmax(t))
-    if hi >= num_steps or (lo < 0 and not allow_negative):
-        bounds = f"< {num_steps}" if allow_negative else f"in [0, {num_steps})"
-        raise ValueError(f"{name} must be {bounds}, got values in [{lo}, {hi}]")
+    inside = t < num_steps if allow_negative else t.clamp(0, num_steps - 1) == t
+    assert_all(inside, f"{name} must be {bounds} for every sample")
 
 
 def check_timesteps_not_after(t_prev, t) -> None:
-    """t_prev ≤ t for every sample: a stochastic DDIM step goes back in time (its σ is NaN for t_prev > t). Ints, or
-    tensors whose values it reads (a sync on CUDA)."""
-    if bool((torch.as_tensor(t_prev) > torch.as_tensor(t)).any()):
-        raise ValueError("t_prev must be <= t for every sample when eta > 0 (DDIM inversion, t_prev > t, is "
-                         "deterministic only: eta = 0)")
+    """t_prev ≤ t for every sample: a stochastic DDIM step goes back in time (its σ is NaN for t_prev > t). Ints
+    on the host; where either is a tensor, with :func:`assert_all`."""
+    message = ("t_prev must be <= t for every sample when eta > 0 (DDIM inversion, t_prev > t, is deterministic "
+               "only: eta = 0)")
+    if isinstance(t_prev, torch.Tensor) or isinstance(t, torch.Tensor):
+        assert_all(t_prev <= t, message)
+    elif t_prev > t:
+        raise ValueError(message)
 
 
 def match_layout(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

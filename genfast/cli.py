@@ -1,4 +1,5 @@
-"""The ``genfast`` command: ``train {vae,wgan,ddpm}``, ``compare-beta``, ``sample ddpm``, ``info`` and ``bench``.
+"""The ``genfast`` command: ``train {vae,wgan,ddpm}``, ``compare-beta``, ``sample ddpm``, ``eval``, ``info`` and
+``bench``.
 
 Exit codes: 0 done, 1 training stopped on a NaN/inf loss, 2 bad flags, paths or files (one line on stderr, no
 traceback), 130 interrupted by SIGINT and 143 by SIGTERM (after saving a checkpoint)."""
@@ -42,6 +43,17 @@ def _positive(kind):
 _seed = _number(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]")
 _non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_decay = _number(float, lambda v: 0 <= v < 1, "a decay in [0, 1) (0 = off)")
+_eval_num = _number(int, lambda v: v >= 4, "an integer >= 4")
+
+
+def _compile_backend(text):
+    from .training.precision import compile_backends
+
+    if text not in compile_backends():
+        raise argparse.ArgumentTypeError(f"expected a torch.compile backend ({', '.join(compile_backends())}), "
+                                         f"got {text!r}")
+    return text
 
 
 def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
@@ -65,12 +77,37 @@ def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
     train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--latent-dim", type=_positive(int), default=128)
     train.add_argument("--base-channels", type=_positive(int), help="width of the first layer (model default)")
+    _add_step(p, model=model)
     run = p.add_argument_group("run")
     run.add_argument("--out", required=True, help="folder for the checkpoint, metrics and pictures")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--checkpoint-every", type=_positive(int), default=500, help="steps between checkpoints")
     _add_device(run)
     run.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+
+
+def _add_step(p: argparse.ArgumentParser, *, model: str) -> None:
+    """How a training step runs (saved in the checkpoint) and the sample quality measured during training."""
+    from .training.config import DEFAULT_EMA
+    from .training.precision import PRECISIONS
+
+    step = p.add_argument_group("precision, weight averaging, compilation")
+    step.add_argument("--precision", choices=PRECISIONS,
+                      help="autocast dtype of the step (default: bf16 on a GPU with native bfloat16, else fp32); "
+                           "fp16 adds a dynamic loss scaler")
+    step.add_argument("--ema", type=_decay, metavar="DECAY",
+                      help="decay of the exponential moving average of the weights that samples and evaluations "
+                           f"use, 0 = off (default {DEFAULT_EMA[model]:g})")
+    step.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                      help="EMA decay min(DECAY, (1+t)/(10+t)) after t updates (default on)")
+    step.add_argument("--compile", nargs="?", const="inductor", type=_compile_backend, metavar="BACKEND",
+                      help="torch.compile the training step (BACKEND default inductor)")
+    step.add_argument("--channels-last", action="store_true", help="models and images in channels_last")
+    quality = p.add_argument_group("sample quality (genfast eval's metrics, into metrics.csv)")
+    quality.add_argument("--eval-every", type=_non_negative_int, default=0, metavar="STEPS",
+                         help="FID, KID, precision and recall every STEPS steps (default 0 = never)")
+    quality.add_argument("--eval-num", type=_eval_num, default=1000, metavar="N",
+                         help="samples (and reference images) per evaluation (default 1000)")
 
 
 def _add_device(group) -> None:
@@ -132,9 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_device(p)
 
+    _add_eval(commands)
     commands.add_parser("info", help="versions, device and which backends are available")
     commands.add_parser("bench", help="run the benchmarks (genfast bench --help)", add_help=False)
     return parser
+
+
+def _add_eval(commands) -> None:
+    p = commands.add_parser("eval", help="FID, KID, precision and recall of a trained model's samples",
+                            description="Sample a checkpoint and measure FID, KID, precision and recall (and, on "
+                                        "the faces, the spread of the predicted factors) in the feature space of "
+                                        "genfast's face-factor network; writes OUT/eval.json and prints a table.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by genfast train")
+    p.add_argument("--num", type=_eval_num, default=1000, help="samples and reference images (default 1000)")
+    p.add_argument("--k", type=_positive(int), default=3, help="neighbours of the precision/recall manifolds "
+                                                               "(default 3)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the samples (default 0)")
+    p.add_argument("--batch-size", type=_positive(int), help="samples a batch (default the run's)")
+    p.add_argument("--data-dir", help="where the run's data set is now (default the checkpoint's --data-dir)")
+    p.add_argument("--out", required=True, help="folder for eval.json and samples.png")
+    p.add_argument("--quiet", action="store_true", help="no table or messages")
+    _add_device(p)
 
 
 def _config(args, model: str, **overrides):
@@ -143,7 +198,8 @@ def _config(args, model: str, **overrides):
     names = ("dataset", "data_dir", "num_samples", "image_size", "workers", "epochs", "max_steps", "batch_size",
              "lr", "seed", "latent_dim", "base_channels", "out", "resume", "checkpoint_every", "backend", "device",
              "quiet", "beta", "beta1", "gp_weight", "n_critic", "timesteps", "schedule", "channel_mult",
-             "num_res_blocks", "sample_steps")
+             "num_res_blocks", "sample_steps", "precision", "ema", "ema_warmup", "compile", "channels_last",
+             "eval_every", "eval_num")
     fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
     fields.update(overrides)
     return RunConfig(model=model, given=tuple(n for n in names if n in args.given), **fields)
@@ -192,7 +248,8 @@ def _sample(args) -> int:
         if config.model != "ddpm":
             raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not ddpm")
         model = build_ddpm(config, saved["channels"])
-        model.load_state_dict(saved["task"]["modules"]["model"])
+        ema = saved["task"].get("ema", {}).get("model")  # a run with --ema samples with the averaged weights
+        model.load_state_dict(ema["module"] if ema else saved["task"]["modules"]["model"])
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:  # RuntimeError: load_state_dict mismatches
         raise UsageError(f"--checkpoint: {str(exc).strip().splitlines()[0]}") from None
     if args.sampler == "ddpm" and args.steps not in (None, config.timesteps):
@@ -216,6 +273,18 @@ def _sample(args) -> int:
                              progress=not args.quiet and sys.stderr.isatty())
     save_image_grid(images, out / "samples.png", nrow=grid_columns(args.num), scale=2)
     _say(args, f"wrote {out / 'samples.png'} ({args.num} samples, {args.sampler})")
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluation import evaluate_checkpoint, format_table
+
+    result = evaluate_checkpoint(args.checkpoint, out=args.out, num=args.num, k=args.k, seed=args.seed,
+                                 batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
+                                 backend=args.backend, quiet=args.quiet)
+    if not args.quiet:
+        print(format_table(result))
+    _say(args, f"wrote {Path(args.out) / 'eval.json'}")
     return 0
 
 
@@ -315,7 +384,7 @@ def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return given
 
 
-COMMANDS = {"train": _train, "compare-beta": _compare_beta, "sample": _sample, "info": _info}
+COMMANDS = {"train": _train, "compare-beta": _compare_beta, "sample": _sample, "eval": _eval, "info": _info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,16 +55,22 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, *, nrow: int,
 
 
 def plot_losses(rows: Sequence[dict], columns: Sequence[str], path: str | os.PathLike, *, title: str) -> None:
-    """One panel per column of ``rows`` (dicts with a ``step`` key; ``None`` = no value at that step) against the
-    step, saved as PNG to ``path``."""
+    """One panel per column of ``rows`` (dicts with a ``step`` key; ``None`` or no key = no value at that step)
+    against the step, four panels a row, saved as PNG to ``path``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3.2), squeeze=False)
-    for ax, column in zip(axes[0], columns):
-        points = [(row["step"], row[column]) for row in rows if row[column] is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1)
+    ncols = min(len(columns), 4)
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    for ax, column in zip(axes.flat, columns):
+        points = [(row["step"], row[column]) for row in rows if row.get(column) is not None]
+        few = len(points) <= 50  # measured now and then (--eval-every): show the points
+        ax.plot([p[0] for p in points], [p[1] for p in points], linewidth=1, marker="o" if few else None,
+                markersize=3)
         ax.set_xlabel("step")
         ax.set_title(column)
         ax.grid(alpha=0.3)

@@ -11,11 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import aot, per_sample
+from . import per_sample
 from .per_sample import block_noise, dims, launch, sample_block
 
 # where the forward kernels take ε from (the constexpr NOISE)
 NOISE_NONE, NOISE_LOADED, NOISE_PHILOX = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# the pointers of (B, ...) tensors, whose traffic is the op's bytes (read by `genfast bench --static`)
+STREAMED = ("x0_ptr", "x_ptr", "y_ptr", "noise_ptr", "out_ptr", "grad_ptr", "grad_x0_ptr", "grad_x_ptr", "grad_y_ptr",
+            "model_output_ptr", "grad_model_output_ptr", "eps_hat_ptr")
 
 
 @triton.jit
@@ -139,13 +142,15 @@ def _ddim_bwd_kernel(
 
 @triton.jit
 def _noise_mse_fwd_kernel(
-    eps_hat_ptr, seed_ptr, partial_ptr, n_chunks, sample_base, sample_numel, BLOCK: tl.constexpr,
+    eps_hat_ptr, seed_ptr, partial_ptr, n_chunks, inv_numel, sample_base, sample_numel, BLOCK: tl.constexpr,
 ):
+    """partial[b, chunk] = Σ (ε̂ − ε)² / numel over this block: the loss is the (fixed-order) sum of the partials."""
     sample, start, offs, mask = sample_block(sample_base, sample_numel, BLOCK)
     eps_hat = tl.load(eps_hat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     eps = block_noise(eps_hat_ptr, seed_ptr, sample, start, offs, mask, False, BLOCK)
     diff = tl.where(mask, eps_hat - eps, 0.0)
-    tl.store(partial_ptr + sample.to(tl.int64) * n_chunks + tl.program_id(0), tl.sum(diff * diff, axis=0))
+    tl.store(partial_ptr + sample.to(tl.int64) * n_chunks + tl.program_id(0),
+             tl.sum(diff * diff, axis=0) * inv_numel)
 
 
 @triton.jit
@@ -215,8 +220,8 @@ def noise_mse(eps_hat, seed):
     batch, sample_numel = dims(eps_hat)
     n_chunks = per_sample.num_chunks(sample_numel)
     partials = torch.empty((batch, n_chunks), dtype=torch.float32, device=eps_hat.device)
-    launch(_noise_mse_fwd_kernel, eps_hat, eps_hat, seed, partials, n_chunks)
-    return partials.sum() / eps_hat.numel()
+    launch(_noise_mse_fwd_kernel, eps_hat, eps_hat, seed, partials, n_chunks, 1.0 / max(eps_hat.numel(), 1))
+    return partials.sum() if eps_hat.numel() else partials.sum() / 0.0  # the mean of nothing is NaN
 
 
 def noise_mse_backward(grad_loss, eps_hat, seed):
@@ -224,31 +229,3 @@ def noise_mse_backward(grad_loss, eps_hat, seed):
     scale = 2.0 / max(eps_hat.numel(), 1)  # an empty ε̂ has an empty gradient
     launch(_noise_mse_bwd_kernel, eps_hat, grad_loss, eps_hat, seed, grad, scale)
     return grad
-
-
-# argument types other than the defaults of kernels/aot.py (*dtype for a pointer, i32 for an int): int64
-# timesteps and seeds, float64 schedule tables, fp32 partials and scalars
-_ARG_TYPES = {
-    **dict.fromkeys(("t_ptr", "t_prev_ptr", "seed_ptr"), "*i64"),
-    **dict.fromkeys(("ac_ptr", "sqrt_ac_ptr", "sqrt_1m_ac_ptr", "coef1_ptr", "coef2_ptr", "var_ptr"), "*fp64"),
-    **dict.fromkeys(("partial_ptr", "grad_loss_ptr"), "*fp32"),
-    **dict.fromkeys(("eta", "scale"), "fp32"),
-}
-_NOISE_MODES = {
-    _q_sample_fwd_kernel: (NOISE_LOADED, NOISE_PHILOX),
-    _ddpm_fwd_kernel: (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX),
-    _ddim_fwd_kernel: (NOISE_NONE, NOISE_LOADED, NOISE_PHILOX),
-}
-_NOISELESS_KERNELS = (_q_sample_bwd_kernel, _ddpm_bwd_kernel, _ddim_bwd_kernel, _noise_mse_fwd_kernel,
-                      _noise_mse_bwd_kernel)
-
-
-def aot_variants():
-    """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    for dtype in ("fp32", "bf16", "fp16"):
-        for block, num_warps in per_sample.block_warps().items():
-            for kernel, modes in _NOISE_MODES.items():
-                for mode in modes:
-                    yield from aot.variants(kernel, dtype, dict(NOISE=mode.value, BLOCK=block), num_warps, _ARG_TYPES)
-            for kernel in _NOISELESS_KERNELS:
-                yield from aot.variants(kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)

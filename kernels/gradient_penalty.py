@@ -11,8 +11,11 @@ import triton.language as tl
 
 from genfast._shared import penalty_scale
 
-from . import aot, per_sample
+from . import per_sample
 from .per_sample import dims, launch, sample_block
+
+# the pointers of (B, ...) tensors, whose traffic is the op's bytes (read by `genfast bench --static`)
+STREAMED = ("real_ptr", "fake_ptr", "out_ptr", "grad_ptr", "grad_real_ptr", "grad_fake_ptr")
 
 # ---- heuristics: the single program that finishes the penalty walks partials (B, n_chunks) in tiles
 # (FINISH_B, FINISH_CHUNKS) ------------------------------------------------------------------------------------
@@ -111,7 +114,9 @@ def gradient_norm_penalty(grad, weight):
     if batch == 0:
         return torch.zeros((), dtype=torch.float32, device=grad.device), norms
     penalty = torch.empty((), dtype=torch.float32, device=grad.device)
-    partials = torch.zeros((batch, n_chunks), dtype=torch.float32, device=grad.device)
+    # every partial is written, except the one zero partial of samples without elements
+    partials = (torch.empty if sample_numel else torch.zeros)((batch, n_chunks), dtype=torch.float32,
+                                                               device=grad.device)
     launch(_sum_squares_kernel, grad, grad, partials, n_chunks)
     _penalty_finish_kernel[(1,)](
         partials, norms, penalty, batch, n_chunks, penalty_scale(weight, batch),
@@ -125,22 +130,3 @@ def gradient_norm_penalty_backward(grad_penalty, grad, norms, weight):
     out = torch.empty_like(grad)
     launch(_penalty_bwd_kernel, grad, grad_penalty, grad, norms, out, 2.0 * penalty_scale(weight, grad.shape[0]))
     return out
-
-
-# argument types other than the defaults of kernels/aot.py (*dtype for a pointer, i32 for an int)
-_ARG_TYPES = {**dict.fromkeys(("alpha_ptr", "partials_ptr", "norms_ptr", "penalty_ptr", "grad_penalty_ptr"), "*fp32"),
-              "scale": "fp32", "scale2": "fp32"}
-
-
-def aot_variants():
-    """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    for dtype in ("fp32", "bf16", "fp16"):
-        for block, num_warps in per_sample.block_warps().items():
-            yield from aot.variants(_interpolate_fwd_kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)
-            for want_real, want_fake in ((1, 0), (0, 1), (1, 1)):
-                consts = dict(WANT_REAL=want_real, WANT_FAKE=want_fake, BLOCK=block)
-                yield from aot.variants(_interpolate_bwd_kernel, dtype, consts, num_warps, _ARG_TYPES)
-            yield from aot.variants(_sum_squares_kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)
-            yield from aot.variants(_penalty_bwd_kernel, dtype, dict(BLOCK=block), num_warps, _ARG_TYPES)
-    yield from aot.variants(_penalty_finish_kernel, "fp32", dict(BLOCK_B=FINISH_B, BLOCK_CHUNKS=FINISH_CHUNKS),
-                            FINISH_WARPS, _ARG_TYPES)

@@ -12,18 +12,17 @@ import triton.language as tl
 from .random import load_philox_key, philox_normal_block
 
 # ---- heuristics: the one place block sizes and warps of the per-sample kernels are chosen --------------------
-BLOCKS = (256, 1024)
+MIN_BLOCK, MAX_BLOCK = 128, 2048  # BLOCK: D rounded up to a power of two, within these bounds
+MAX_WARPS = 4  # so a thread takes BLOCK / 128 elements of a large block: its per-sample setup (timestep, schedule
+# coefficients in fp64, the Philox key) is amortised over 16 elements
 MAX_GRID_SAMPLES = 65535  # CUDA's limit on grid axis 1
 
 
 def config(sample_numel: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for D elements per sample: 8 elements a thread, fewer programs idle on small samples."""
-    return (256, 2) if sample_numel <= 256 else (1024, 4)
-
-
-def block_warps() -> dict[int, int]:
-    """num_warps of each block size ``config`` can pick, for the ahead-of-time compile variants."""
-    return {block: config(block)[1] for block in BLOCKS}
+    """(BLOCK, num_warps) for D elements per sample: a block no longer than the sample (no idle lanes beyond the
+    rounding to a power of two), at most MAX_BLOCK; 8 elements a thread from 256 to 1024 (4 at 128, 16 at 2048)."""
+    block = min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(max(sample_numel, 1))))
+    return block, max(1, min(MAX_WARPS, block // 256))
 
 
 def dims(x) -> tuple[int, int]:

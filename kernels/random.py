@@ -12,8 +12,6 @@ from triton.language.extra import libdevice
 
 from genfast._shared import triton_interpret
 
-from . import aot
-
 
 @triton.jit
 def _sin_cos_exact(theta):
@@ -81,8 +79,3 @@ def philox_normal(seed, batch, sample_numel):
         grid = (triton.cdiv(sample_numel, NOISE_BLOCK), batch)
         _philox_normal_kernel[grid](seed, out, sample_numel, BLOCK=NOISE_BLOCK)
     return out
-
-
-def aot_variants():
-    """Every (kernel, signature, constexprs, num_warps) the launcher can pick, for the ahead-of-time compile test."""
-    yield from aot.variants(_philox_normal_kernel, "fp32", {"BLOCK": NOISE_BLOCK}, 4, {"seed_ptr": "*i64"})

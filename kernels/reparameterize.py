@@ -8,8 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import aot, per_sample
+from . import per_sample
 from .per_sample import block_noise, dims, launch, sample_block
+
+# the pointers of (B, ...) tensors, whose traffic is the op's bytes (read by `genfast bench --static`)
+STREAMED = ("mu_ptr", "logvar_ptr", "noise_ptr", "z_ptr", "grad_z_ptr", "grad_mu_ptr", "grad_logvar_ptr")
 
 
 @triton.jit
@@ -59,12 +62,14 @@ def reparameterize_kl(mu, logvar, noise, seed, want_z, want_kl):
     batch, sample_numel = dims(mu)
     n_chunks = per_sample.num_chunks(sample_numel)
     z = torch.empty_like(mu) if want_z else mu.new_empty(0)
-    partials = torch.zeros((batch, max(n_chunks, 1)), dtype=torch.float32, device=mu.device)
+    # every partial is written (a sample without elements has none: its KL is 0); one chunk per sample is the KL
+    new_partials = torch.empty if n_chunks else torch.zeros
+    partials = new_partials((batch, max(n_chunks, 1)), dtype=torch.float32, device=mu.device) if want_kl else mu
     launch(_reparameterize_kl_fwd_kernel, mu, mu, logvar, noise if noise is not None else mu, seed, z, partials,
            n_chunks, HAS_NOISE=noise is not None, WANT_Z=want_z, WANT_KL=want_kl)
     if not want_kl:
         return z, mu.new_empty(0, dtype=torch.float32)
-    return z, partials[:, 0].clone() if n_chunks <= 1 else partials.sum(1)
+    return z, partials.view(batch) if n_chunks <= 1 else partials.sum(1)
 
 
 def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, noise, seed):
@@ -75,19 +80,3 @@ def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, noise, seed):
            grad_z if grad_z is not None else mu, grad_kl if grad_kl is not None else mu, grad_mu, grad_logvar,
            HAS_NOISE=noise is not None, HAS_GRAD_Z=grad_z is not None, HAS_GRAD_KL=grad_kl is not None)
     return grad_mu, grad_logvar
-
-
-# argument types other than the defaults of kernels/aot.py (*dtype for a pointer, i32 for an int)
-_ARG_TYPES = {"seed_ptr": "*i64", "kl_ptr": "*fp32", "grad_kl_ptr": "*fp32"}
-
-
-def aot_variants():
-    """Every (kernel, signature, constexprs, num_warps) the launchers can pick, for the ahead-of-time compile test."""
-    for dtype in ("fp32", "bf16", "fp16"):
-        for block, num_warps in per_sample.block_warps().items():
-            for has_noise, want_z, want_kl in ((0, 1, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 1)):
-                consts = dict(HAS_NOISE=has_noise, WANT_Z=want_z, WANT_KL=want_kl, BLOCK=block)
-                yield from aot.variants(_reparameterize_kl_fwd_kernel, dtype, consts, num_warps, _ARG_TYPES)
-            for has_noise, has_dz, has_dkl in ((0, 1, 0), (1, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 1)):
-                consts = dict(HAS_NOISE=has_noise, HAS_GRAD_Z=has_dz, HAS_GRAD_KL=has_dkl, BLOCK=block)
-                yield from aot.variants(_reparameterize_kl_bwd_kernel, dtype, consts, num_warps, _ARG_TYPES)

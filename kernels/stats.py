@@ -18,11 +18,12 @@ def combine_summaries(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def tile_stats(d, mask, n):
-    """(mean, deviations from it (0 outside the mask), M2) of the n masked-in values of the 2-D tile d, two-pass."""
-    mean = tl.sum(tl.sum(d, 1), 0) / tl.maximum(n, 1.0)
+def tile_stats(d, mask, n, INNER: tl.constexpr):
+    """(mean, deviations from it (0 outside the mask), M2) of the n masked-in values of the 2-D tile d, two-pass;
+    each sum runs over axis INNER first (the contiguous one, whose values a thread holds: fewer shuffles)."""
+    mean = tl.sum(tl.sum(d, INNER), 0) / tl.maximum(n, 1.0)
     dev = tl.where(mask, d - mean, 0.0)
-    return mean, dev, tl.sum(tl.sum(dev * dev, 1), 0)
+    return mean, dev, tl.sum(tl.sum(dev * dev, INNER), 0)
 
 
 @triton.jit
@@ -64,3 +65,20 @@ def merge_summaries(ptr, base, plane, n, BLOCK: tl.constexpr):
         m2_b = tl.sum(m2_j + n_j * (mean_j - mean_b) * (mean_j - mean_b), 0)
         count, mean, m2 = combine_summaries(count, mean, m2, n_b, mean_b, m2_b)
     return count, mean, m2
+
+
+@triton.jit
+def sum_rows_kernel(q_ptr, p_ptr, q_sum_ptr, p_sum_ptr, B, C, BLOCK: tl.constexpr):
+    """Σ_b q[b] and Σ_b p[b] of two (B, C) fp32 tables, over b in order, stored in the outputs' dtypes (GroupNorm's
+    dweight and dbias)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    off = c.to(tl.int64)
+    dw = tl.zeros([BLOCK], tl.float32)
+    db = tl.zeros([BLOCK], tl.float32)
+    for _ in range(0, B):
+        dw += tl.load(q_ptr + off, mask=cmask, other=0.0)
+        db += tl.load(p_ptr + off, mask=cmask, other=0.0)
+        off += C
+    tl.store(q_sum_ptr + c, dw.to(q_sum_ptr.dtype.element_ty), mask=cmask)
+    tl.store(p_sum_ptr + c, db.to(p_sum_ptr.dtype.element_ty), mask=cmask)

@@ -1,17 +1,18 @@
-"""Test set-up: the Triton kernels run in the interpreter on the CPU, so TRITON_INTERPRET must be set before
-genfast (and so Triton's ``@jit``) is imported. The ``backend`` fixture is the one test matrix of the op tests:
-every backend of ``backends.BACKENDS`` usable here."""
+"""Test set-up: without a GPU the Triton kernels run in the interpreter on the CPU, so TRITON_INTERPRET=1 is set
+(unless TRITON_INTERPRET is set already) before genfast, and so Triton's ``@jit``, is imported; where CUDA is
+present it is left alone, so that the kernels compile (``make gpu-check`` sets TRITON_INTERPRET=0 explicitly). The
+``backend`` fixture is the one test matrix of the op tests: every backend of ``backends.BACKENDS`` usable here."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import genfast  # noqa: E402
 from backends import BACKENDS, KERNEL_BACKENDS, skip_unless_usable  # noqa: E402
-
-CUDA = torch.cuda.is_available()
 
 # `make test` runs two xdist workers on a 2-core machine: one intra-op thread each keeps them from oversubscribing
 # the cores (two threads per worker spin-wait and ran the model tests ~5x slower).

@@ -130,6 +130,14 @@ def test_info_says_which_ops_a_backend_runs_and_why(capsys, monkeypatch):
     (["train", "vae", "--out", "{tmp}/empty", "--resume"], "--resume: no checkpoint at"),
     (["sample", "ddpm", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "no checkpoint at"),
     (["compare-beta", "--betas", "1", "--out", "x"], "--betas needs at least two different values"),
+    (["train", "vae", "--out", "x", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["train", "ddpm", "--out", "x", "--ema", "1"], "argument --ema: expected a decay in [0, 1)"),
+    (["train", "vae", "--out", "x", "--compile", "nosuch"], "argument --compile: expected a torch.compile backend"),
+    (["train", "wgan", "--out", "x", "--eval-every", "-1"], "argument --eval-every: expected an integer >= 0"),
+    (["train", "vae", "--out", "x", "--eval-num", "3"], "argument --eval-num: expected an integer >= 4"),
+    (["eval", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "--checkpoint: no checkpoint at"),
+    (["eval", "--checkpoint", "x.pt", "--out", "x", "--num", "1"], "argument --num: expected an integer >= 4"),
+    (["eval", "--checkpoint", "x.pt", "--out", ""], "--out must name a folder"),
 ])
 def test_bad_flags_and_paths_give_one_line_and_exit_code_2(argv, expected, tmp_path, capsys):
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
@@ -142,5 +150,5 @@ def test_console_script_runs():
     script = Path(sys.executable).parent / "genfast"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for command in ("train", "compare-beta", "sample", "info", "bench"):
+    for command in ("train", "compare-beta", "sample", "eval", "info", "bench"):
         assert command in result.stdout

@@ -1,12 +1,15 @@
-"""GPU-only checks (marked `gpu`, skipped without CUDA): the compiled Triton kernels and the CUDA C++ kernels (the
-"cpp" backend's GroupNorm + SiLU) against the reference on the device, forward and backward with random upstream
-gradients (gradients compared by relative norm as well), bf16/fp16, channels_last, sizes past 2**31 elements, and
-torch.compile(fullgraph=True) on CUDA, its compiled backward included."""
+"""GPU-only checks (marked `gpu`, skipped without CUDA; `make gpu-check` runs them with TRITON_INTERPRET=0): the
+compiled Triton kernels and the CUDA C++ kernels (the "cpp" backend's GroupNorm + SiLU) against the reference on the
+device, forward and backward with random upstream gradients (gradients compared by relative norm as well), in
+fp32/bf16/fp16; GroupNorm in NCHW and NHWC with 4, 8, 10 and 16 channels per group; sizes past 2**31 elements;
+batches past CUDA's grid limit of 65,535; two runs bitwise equal; torch.compile(fullgraph=True) of every op, its
+compiled backward included; and CUDA-graph capture of a sampling step."""
 import pytest
 import torch
 
 import genfast
 from backends import KERNEL_BACKENDS, skip_unless_usable
+from genfast.models import DDPM, UNet
 from genfast._backend import DEVICES
 from tolerances import NOISE_ATOL, TOLERANCES, assert_close, assert_close_rel_norm
 
@@ -63,11 +66,16 @@ def test_noise_identity_on_gpu():
     torch.testing.assert_close(z, z_ref, atol=NOISE_ATOL, rtol=0)
 
 
+# G = 32 with 4, 8, 10 and 16 channels per group (C = 128, 256, 320, 512), an odd spatial size, and one group of
+# 16·256² elements (the split path)
+GROUP_NORM_SHAPES = [(8, 128, 32, 32), (4, 256, 16, 16), (4, 320, 7, 9), (2, 512, 16, 16), (1, 512, 256, 256)]
+
+
 @pytest.mark.parametrize("backend", _gpu_backends("group_norm_silu"))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("shape, groups", [((8, 128, 64, 64), 32), ((1, 512, 256, 256), 32), ((4, 320, 7, 9), 32)])
-def test_group_norm_silu_on_gpu(backend, shape, groups, dtype, layout):
+@pytest.mark.parametrize("shape", GROUP_NORM_SHAPES, ids=lambda s: f"cpg{s[1] // 32}-" + "x".join(map(str, s)))
+def test_group_norm_silu_on_gpu(backend, shape, dtype, layout, groups=32):
     """The Triton kernels and the CUDA C++ kernels against the reference, every input differentiated."""
     skip_unless_usable(backend, "cuda", "group_norm_silu")
     x = torch.randn(shape, device="cuda", dtype=dtype).to(memory_format=layout)
@@ -87,7 +95,7 @@ def test_group_norm_silu_on_gpu(backend, shape, groups, dtype, layout):
         _assert_grad(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_q_sample_and_diffusion_loss_on_gpu(dtype):
     schedule = genfast.NoiseSchedule.linear().cuda()
     x0 = torch.randn(32, 3, 64, 64, device="cuda", dtype=dtype)
@@ -113,10 +121,11 @@ def test_q_sample_and_diffusion_loss_on_gpu(dtype):
         assert_close_rel_norm(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("step", ["ddpm", "ddim"])
-def test_sampler_steps_on_gpu(step):
+def test_sampler_steps_on_gpu(step, dtype):
     schedule = genfast.NoiseSchedule.linear().cuda()
-    x = torch.randn(16, 3, 32, 32, device="cuda")
+    x = torch.randn(16, 3, 32, 32, device="cuda", dtype=dtype)
     eps, grad = torch.randn_like(x), torch.randn_like(x)
 
     def run(e, x_t, generator):
@@ -129,9 +138,9 @@ def test_sampler_steps_on_gpu(step):
         leaves = _leaves(eps, x)
         out = _seeded(run, backend, *leaves)
         results[backend] = (out, *torch.autograd.grad(out, leaves, grad))
-    assert_close(results["triton"][0], results["reference"][0], noise_scale=1.0)
+    assert_close(results["triton"][0], results["reference"][0], dtype, noise_scale=1.0)
     for name, got, want in zip(("model_output", "x_t"), results["triton"][1:], results["reference"][1:]):
-        _assert_grad(got, want, torch.float32, name)
+        _assert_grad(got, want, dtype, name)
 
 
 def test_gradient_penalty_on_gpu():
@@ -172,32 +181,159 @@ def test_past_two_to_the_31_elements():
     torch.testing.assert_close(x_t[2, -1000:].double(), want_tail, rtol=2e-3, atol=2e-3)
 
 
+# ---- every op: batches past the grid limit, two runs, torch.compile ---------------------------------------------
+
+OP_MODULES = {"reparameterize_kl": "reparameterize", "q_sample": "diffusion", "diffusion_loss": "diffusion",
+              "ddpm_step": "diffusion", "ddim_step": "diffusion", "gradient_penalty": "gradient_penalty",
+              "group_norm_silu": "group_norm_silu"}
+# (backend, op) for every kernel backend with CUDA kernels for the op
+KERNEL_OPS = [(backend, name) for name in OP_MODULES for backend in _gpu_backends(OP_MODULES[name])]
+
+
+def _critic(w):
+    return lambda h: 0.5 * (w * h.square()).flatten(1).sum(1)
+
+
+def _op_calls(batch: int) -> dict:
+    """name -> (inputs, fn(*leaves, generator) -> outputs) for every op on ``batch`` samples of shape (32, 2)."""
+    schedule = genfast.NoiseSchedule.linear().cuda()
+    x, y = (torch.randn(batch, 32, 2, device="cuda") for _ in range(2))
+    t = torch.randint(20, 1000, (batch,), device="cuda")
+    w = torch.randn(32, 2, device="cuda")
+    return {
+        "reparameterize_kl": ((x, y), lambda m, v, g: genfast.reparameterize_kl(m, 0.3 * v, generator=g)),
+        "q_sample": ((x,), lambda a, g: (genfast.q_sample(a, t, schedule, generator=g),)),
+        "diffusion_loss": ((x, y), lambda a, b, g: (genfast.diffusion_loss(lambda x_t, _: a * x_t, b, schedule, t=t,
+                                                                           generator=g),)),
+        "ddpm_step": ((x, y), lambda e, a, g: (genfast.ddpm_step(e, t, a, schedule, generator=g),)),
+        "ddim_step": ((x, y), lambda e, a, g: (genfast.ddim_step(e, t, t - 20, a, schedule, 1.0, generator=g),)),
+        "gradient_penalty": ((x, y), lambda a, b, g: (genfast.gradient_penalty(_critic(w), a, b, generator=g),)),
+        "group_norm_silu": ((x, y[:, :, 0]), lambda a, e, g: (genfast.group_norm_silu(a, 8, add=e),)),
+    }
+
+
+def _outputs_and_grads(inputs, fn, generator=None):
+    """fn's outputs and the gradients w.r.t. every input of fixed random upstream gradients."""
+    leaves = _leaves(*inputs)
+    outputs = fn(*leaves, generator)
+    upstream = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(o.shape, device="cuda", dtype=o.dtype, generator=upstream) for o in outputs]
+    return (*outputs, *torch.autograd.grad(outputs, leaves, grads))
+
+
+def _assert_all_close(got, want):
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        _assert_grad(a, b, a.dtype, f"result {i}")
+
+
+@pytest.mark.parametrize("backend, name", KERNEL_OPS)
+def test_batches_past_the_grid_limit(backend, name):
+    """70,000 samples: past CUDA's limit of 65,535 on grid axes 1 and 2 (the per-sample launchers slice the
+    batch), forward and backward against the reference."""
+    inputs, fn = _op_calls(70_000)[name]
+    got, want = (_seeded(_outputs_and_grads, b, inputs, fn) for b in (backend, "reference"))
+    _assert_all_close(got, want)
+
+
+@pytest.mark.parametrize("backend, name", KERNEL_OPS)
+def test_two_runs_are_bitwise_equal(backend, name):
+    """No float atomics: the same inputs and seed give the same bits, forward and backward (the reductions are in
+    a fixed order)."""
+    inputs, fn = _op_calls(4096)[name]
+    first, second = (_seeded(_outputs_and_grads, backend, inputs, fn) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 @pytest.mark.parametrize("backend", _gpu_backends("group_norm_silu"))
-def test_torch_compile_fullgraph_on_gpu(backend):
-    """The compiled forward and the compiled backward (random upstream gradients) on ``backend`` against eager on
-    the reference. The C++ backend has CUDA kernels for GroupNorm + SiLU only: its function has that op alone."""
-    skip_unless_usable(backend, "cuda", "group_norm_silu")
-    x = torch.randn(4, 64, 16, 16, device="cuda")
-    mu = torch.randn(4, 32, device="cuda")
-    grad_h, grad_z = torch.randn_like(x), torch.randn_like(mu)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_two_runs_of_the_group_norm_split_path_are_bitwise_equal(backend, layout):
+    x = torch.randn(2, 512, 128, 128, device="cuda", dtype=torch.bfloat16).to(memory_format=layout)
+    weight, bias = torch.randn(512, device="cuda"), torch.randn(512, device="cuda")
+    fn = lambda a, w, b, g: (genfast.group_norm_silu(a, 32, w, b),)  # noqa: E731
+    first, second = (_seeded(_outputs_and_grads, backend, (x, weight, bias), fn) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
-    def f(x, mu):
-        loss = (genfast.group_norm_silu(x, 32) * grad_h).sum()
-        if backend == "triton":
-            z, kl = genfast.reparameterize_kl(mu, mu, torch.ones_like(mu))
-            loss = loss + (z * grad_z).sum() + kl.sum()
-        else:
-            loss = loss + (mu * grad_z).sum()
-        return loss
 
-    def loss_and_grads(fn, name):
-        leaves = _leaves(x, mu)
-        with genfast.use_backend(name):
-            loss = fn(*leaves)
-            return (loss, *torch.autograd.grad(loss, leaves))  # a compiled fn runs its compiled backward here
+@pytest.mark.parametrize("backend, name", KERNEL_OPS)
+def test_torch_compile_fullgraph_of_every_op_on_gpu(backend, name):
+    """Each op compiled with fullgraph=True on ``backend`` — its forward, and its compiled backward run by
+    autograd.grad — against eager on the reference, from the same seed (fallback_random: the compiled
+    torch.randint draws eager's seeds). The gradient penalty differentiates the critic inside the op and
+    AOTAutograd has no double backward, so its gradients are taken inside the compiled function (dynamo traces
+    autograd.grad with trace_autograd_ops)."""
+    inputs, fn = _op_calls(64)[name]
 
-    compiled = loss_and_grads(torch.compile(f, fullgraph=True), backend)
-    eager = loss_and_grads(f, "reference")
-    torch.testing.assert_close(compiled[0], eager[0], rtol=TOLERANCES[torch.float32]["rtol"], atol=1e-3)
-    for name, got, want in zip(("x", "mu"), compiled[1:], eager[1:]):
-        _assert_grad(got, want, torch.float32, name)
+    def run(compiled: bool):
+        if name != "gradient_penalty":
+            return _outputs_and_grads(inputs, torch.compile(fn, fullgraph=True) if compiled else fn)
+
+        def step(real, fake):
+            (penalty,) = fn(real, fake, None)
+            return (penalty.detach(), *torch.autograd.grad(penalty, (real, fake)))
+
+        return (torch.compile(step, fullgraph=True) if compiled else step)(*_leaves(*inputs))
+
+    results = []
+    for compiled, backend_name in ((True, backend), (False, "reference")):
+        torch.manual_seed(1)
+        with genfast.use_backend(backend_name), torch._dynamo.config.patch(trace_autograd_ops=True), \
+                torch._inductor.config.patch(fallback_random=True):
+            results.append(run(compiled))
+    _assert_all_close(*results)
+
+
+# ---- CUDA graphs -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("own_generator", [False, True])
+def test_a_captured_sampler_step_replays_the_eager_noise(own_generator):
+    """ddpm_step and a stochastic ddim_step captured in a CUDA graph: no sync refuses the capture, and each replay
+    draws the seed the next eager call would (torch's CUDA generators are graph-safe), so the outputs are the
+    eager ones, bit for bit. A generator of one's own is registered with the graph."""
+    schedule = genfast.NoiseSchedule.linear().cuda()
+    x, eps = torch.randn(16, 3, 32, 32, device="cuda"), torch.randn(16, 3, 32, 32, device="cuda")
+    t = torch.randint(20, 1000, (16,), device="cuda")
+    generator = torch.Generator(device="cuda") if own_generator else None
+
+    def reseed():
+        (generator or torch.cuda).manual_seed(7)
+
+    def step():
+        return (genfast.ddpm_step(eps, t, x, schedule, generator=generator),
+                genfast.ddim_step(eps, t, t - 20, x, schedule, 1.0, generator=generator))
+
+    with genfast.use_backend("triton"):
+        reseed()
+        eager = [step() for _ in range(3)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up: compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            static = step()
+    reseed()
+    for want in eager:
+        graph.replay()
+        assert all(torch.equal(got, w) for got, w in zip(static, want, strict=True))
+
+
+@pytest.mark.parametrize("sampler, steps, eta", [("ddpm", None, 0.0), ("ddim", 10, 0.0), ("ddim", 10, 1.0)])
+def test_cuda_graph_sampling_matches_the_plain_loop(sampler, steps, eta):
+    """DDPM.sample(cuda_graph=True) (warm-up steps, one capture, replays) against the plain loop from the same
+    generator; convolutions may pick other cuDNN / cuBLAS kernels on the capture stream, so to a tolerance."""
+    unet = UNet(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                num_groups=8)
+    torch.nn.init.normal_(unet.conv_out.weight, std=0.05)  # else ε̂ = 0 and the U-Net would not matter
+    model = DDPM(unet=unet, schedule=genfast.NoiseSchedule.linear(20)).cuda()
+    for own_generator in (False, True):
+        images = []
+        for cuda_graph in (False, True):
+            generator = torch.Generator(device="cuda").manual_seed(3) if own_generator else None
+            torch.manual_seed(3)
+            images.append(model.sample(4, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                       cuda_graph=cuda_graph))
+        torch.testing.assert_close(images[1], images[0], rtol=1e-4, atol=1e-4)

@@ -105,9 +105,9 @@ def _interpreter_sized(backend, shape, interpreter_shape):
 
 def force_split(monkeypatch, *, max_block_c=K.MAX_BLOCK_C):
     """Send small inputs down the split path with tiles of 8 positions × 4 channels, a few splits per group."""
-    monkeypatch.setattr(K, "SINGLE_TILES", ())
+    monkeypatch.setattr(K, "MAX_SINGLE_TILE", 0)
     monkeypatch.setattr(K, "SPLIT_TILE", 32)
-    monkeypatch.setattr(K, "TARGET_PROGRAMS", 12)
+    monkeypatch.setattr(K, "DEFAULT_SMS", 3)  # with SPLIT_PROGRAMS_PER_SM = 4: about 12 programs
     monkeypatch.setattr(K, "MAX_BLOCK_C", max_block_c)
 
 
@@ -257,10 +257,11 @@ def test_split_path(monkeypatch, dtype, layout):
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_split_path_channel_blocks(monkeypatch, layout, activation):
-    """6 channels per group in blocks of 4: a full and a partial channel block per group."""
+    """6 channels per group: NHWC in blocks of 4 (a full and a partial channel block per group), NCHW in blocks of
+    2 (the largest power of two dividing 6)."""
     force_split(monkeypatch, max_block_c=4)
-    plan = K._plan(6, 15, 4)
-    assert not plan.single and plan.n_cblocks == 2
+    plan = K._plan(6, 15, 4, channels_contiguous=layout == "channels_last")
+    assert not plan.single and plan.n_cblocks == (2 if layout == "channels_last" else 3)
     with genfast.use_backend("triton"):
         check(make_inputs((2, 12, 3, 5), layout=layout), 2, "triton", activation=activation)
 
@@ -456,14 +457,3 @@ def test_cpp_internal_op_checks_its_arguments():
         cpp.group_norm_silu(torch.randn(2, 6, 3), None, None, None, None, None, 4, 1e-5, True)
     with pytest.raises(RuntimeError, match=r"add must have shape \[2, 6\]"):
         cpp.group_norm_silu(torch.randn(2, 6, 3), None, None, torch.randn(6), None, None, 3, 1e-5, True)
-
-
-def test_aot_variants_cover_launcher_choices():
-    """Every tiling the launchers can pick is among the ahead-of-time variants."""
-    variants = {(k.fn.__name__, c.get("BLOCK_C"), c.get("BLOCK_S"), w) for k, _, c, w in K.aot_variants()}
-    for cpg, spatial in itertools.product([1, 3, 8, 17, 64, 100], [1, 7, 64, 300, 5000]):
-        plan = K._plan(cpg, spatial, 4)
-        kernels = ("_fwd_single_kernel", "_bwd_single_kernel") if plan.single else (
-            "_fwd_stats_kernel", "_fwd_apply_kernel", "_bwd_reduce_kernel", "_bwd_dx_kernel")
-        for name in kernels:
-            assert (name, plan.block_c, plan.block_s, plan.num_warps) in variants

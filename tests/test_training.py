@@ -1,4 +1,6 @@
-"""The training loop: resume equivalence, NaN stop, Ctrl-C checkpoint, atomic writes."""
+"""The training loop: resume equivalence (also of every --precision/--ema/--compile/--channels-last/--eval-every
+run), NaN stop, Ctrl-C checkpoint, atomic writes."""
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ import torch
 from genfast.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from genfast.cli import main
 from genfast.training import read_metrics
+
+from evaluation_fixtures import tiny_feature_net  # noqa: F401 (a fixture)
 
 TINY = ["--num-samples", "48", "--image-size", "32", "--latent-dim", "4", "--base-channels", "8",
         "--batch-size", "8", "--backend", "reference", "--device", "cpu", "--quiet"]
@@ -103,3 +107,117 @@ def test_a_signal_saves_a_checkpoint_after_the_step(tmp_path, signum, code):
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["step"] >= 1
     assert [row["step"] for row in read_metrics(out / "metrics.csv")][-1] == saved["step"]
+
+
+# ---- how a step runs: --precision, --ema, --compile, --channels-last, --eval-every -----------------------------
+
+FLAG_RUNS = {
+    # bf16 autocast on the CPU, an EMA without warm-up, NHWC, and sample quality every 2 steps
+    "vae-bf16-ema-channels-last-eval": ("vae", ["--base-channels", "8", "--latent-dim", "4", "--precision", "bf16", "--ema", "0.5",
+                                                "--no-ema-warmup", "--channels-last", "--eval-every", "2",
+                                                "--eval-num", "16"]),
+    # bf16, the default EMA (0.9999, warm-up), NHWC (fp16 convolutions are slow on a CPU: fp16 runs on the WGAN)
+    "ddpm-bf16-default-ema-channels-last": ("ddpm", ["--base-channels", "32", "--channel-mult", "1", "2",
+                                                     "--num-res-blocks", "1", "--timesteps", "10",
+                                                     "--sample-steps", "2", "--precision", "bf16",
+                                                     "--channels-last"]),
+    # the compiled step (AOTAutograd's graphs, no code generation: fast), fp16 with its loss scalers
+    "wgan-fp16-ema-compile": ("wgan", ["--base-channels", "8", "--latent-dim", "8", "--n-critic", "2", "--precision", "fp16", "--ema",
+                                       "0.9", "--compile", "aot_eager"]),
+    "vae-compile": ("vae", ["--base-channels", "8", "--latent-dim", "4", "--compile", "aot_eager"]),
+}
+FLAGS_DATA = ["--num-samples", "32", "--image-size", "32", "--batch-size", "8",
+              "--backend", "reference", "--device", "cpu", "--quiet"]
+
+
+def _flag_run(model, flags, out, *extra):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # every run compiles afresh, as a new process does (and stays under the recompile limit)
+    counters.clear()
+    code = main(["train", model, *FLAGS_DATA, *flags, "--out", str(out), *extra])
+    if "--compile" in flags:  # fullgraph=True: a graph break would have been an error
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    return code
+
+
+def _states_equal(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _states_equal(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _states_equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("name", FLAG_RUNS)
+def test_every_step_flag_trains_and_resumes_exactly(name, tmp_path, tiny_feature_net):
+    """4 steps straight equal 2 steps, then 2 more resumed: weights, optimiser, EMA, loss scaler, the metrics
+    (and the sample-quality columns), with the flags taken from the checkpoint."""
+    model, flags = FLAG_RUNS[name]
+    assert _flag_run(model, flags, tmp_path / "straight", "--max-steps", "4") == 0
+    assert _flag_run(model, flags, tmp_path / "split", "--max-steps", "2") == 0
+    assert main(["train", model, *FLAGS_DATA, "--out", str(tmp_path / "split"), "--max-steps", "4",
+                 "--resume"]) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert straight["step"] == split["step"] == 4
+    _states_equal(straight["task"], split["task"])
+    for field in ("precision", "ema", "ema_warmup", "compile", "channels_last", "eval_every", "eval_num"):
+        assert straight["config"][field] == split["config"][field], field
+    rows = _without_timing(read_metrics(tmp_path / "straight" / "metrics.csv"))
+    assert rows == _without_timing(read_metrics(tmp_path / "split" / "metrics.csv"))
+    assert all(math.isfinite(v) for row in rows for v in row.values() if v is not None)
+    config = straight["config"]
+    if "--ema" in flags or model == "ddpm":
+        ema = next(iter(straight["task"]["ema"].values()))
+        assert ema["decay"] == config["ema"] == (0.9999 if model == "ddpm" else float(flags[flags.index("--ema") + 1]))
+        assert ema["updates"] == (2 if model == "wgan" else 4)  # the generator steps every --n-critic 2 steps
+    else:
+        assert config["ema"] == 0.0 and straight["task"]["ema"] == {}
+    assert config["precision"] == (flags[flags.index("--precision") + 1] if "--precision" in flags else "fp32")
+    assert bool(straight["task"]["scalers"]) == (config["precision"] == "fp16")
+    if "--eval-every" in flags:
+        assert [row["fid"] is not None for row in rows] == [False, True, False, True]
+        assert all(0 <= row["precision"] <= 1 for row in rows if row["fid"] is not None)
+
+
+def test_ema_is_a_foreach_lerp_with_warm_up_and_copies_buffers():
+    from genfast.training.ema import EMA
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.99)
+    assert [ema.decay_at(t) for t in (0, 80, 10**6)] == [0.1, 0.9, 0.99]
+    assert EMA(model, decay=0.99, warmup=False).decay_at(0) == 0.99
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(torch.randn(4, 3))  # moves the BatchNorm statistics
+    ema.update()
+    averaged = ema.module.state_dict()
+    assert torch.allclose(averaged["0.weight"], 0.1 * before["0.weight"] + 0.9 * model[0].weight)
+    assert torch.equal(averaged["1.running_mean"], model[1].running_mean)
+    assert ema.updates == 1 and not any(p.requires_grad for p in ema.module.parameters())
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMA(model, decay=1.0)
+
+
+def test_bf16_autocast_runs_the_convolutions_in_bf16_on_the_cpu():
+    from genfast.training import RunConfig
+    from genfast.training.distributed import World
+    from genfast.training.tasks import VAETask
+
+    config = RunConfig(model="vae", out="unused", image_size=32, latent_dim=4, base_channels=8, precision="bf16",
+                       ema=0.0, backend="reference")
+    task = VAETask(config, channels=3, device=torch.device("cpu"), world=World())
+    dtypes = []
+    task.model.encoder[0].register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    metrics = task.step(torch.rand(4, 3, 32, 32), generator=torch.Generator().manual_seed(0), step=1)
+    assert dtypes == [torch.bfloat16] and all(math.isfinite(v) for v in metrics.values())
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())  # the weights stay fp32

@@ -225,14 +225,34 @@ class _FusedSchedulerMixin:
             cache[device] = NoiseSchedule(betas=betas).to(device) if valid else None
         return cache[device]
 
+    def _fused_timestep(self, timestep, sample: Tensor, schedule: NoiseSchedule):
+        """The timestep the fused step takes, or None for diffusers' step: a one-element integer tensor as (B,)
+        timesteps on the device, never read back (its range is checked by the op), when
+        :meth:`_tensor_timesteps_fuse`; else an int in [0, T) for which :meth:`_int_timestep_fuses`."""
+        if _timestep_tensor(timestep) and self._tensor_timesteps_fuse():
+            return _timestep_batch(timestep, sample)
+        t = _timestep_int(timestep)
+        return t if t is not None and 0 <= t < schedule.num_steps and self._int_timestep_fuses(t) else None
+
+    def _tensor_timesteps_fuse(self) -> bool:
+        return True
+
+    def _int_timestep_fuses(self, t: int) -> bool:
+        return True
+
     def _fusable_prediction(self) -> bool:
         config = self.config
         return config.prediction_type == "epsilon" and not config.thresholding and not config.clip_sample
 
-    def _x0_from_eps(self, schedule: NoiseSchedule, t: int, sample: Tensor, model_output: Tensor) -> Tensor:
-        """pred_original_sample = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, as diffusers returns it next to prev_sample."""
-        return ((sample - float(schedule.sqrt_one_minus_alphas_cumprod[t]) * model_output)
-                / float(schedule.sqrt_alphas_cumprod[t]))
+    def _x0_from_eps(self, schedule: NoiseSchedule, t, sample: Tensor, model_output: Tensor) -> Tensor:
+        """pred_original_sample = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, as diffusers returns it next to prev_sample; ``t`` an
+        int or a (B,) tensor, the coefficients gathered on the device (nothing is read back)."""
+        def coefficient(table: Tensor) -> Tensor:
+            value = table[t] if isinstance(t, int) else table[t].view((-1,) + (1,) * (sample.dim() - 1))
+            return value.to(sample.dtype)
+
+        return ((sample - coefficient(schedule.sqrt_one_minus_alphas_cumprod) * model_output)
+                / coefficient(schedule.sqrt_alphas_cumprod))
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """√ᾱ_t·x_0 + √(1−ᾱ_t)·noise with :func:`genfast.q_sample`; ``timesteps`` an integer tensor of one
@@ -250,12 +270,23 @@ class _FusedSchedulerMixin:
 
 
 def _timestep_int(timestep) -> Optional[int]:
-    """``timestep`` as an int when it is an int or a one-element integer tensor, else None."""
+    """``timestep`` as an int when it is an int or a one-element integer tensor (read back), else None."""
     if isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
         return int(timestep)
-    if isinstance(timestep, Tensor) and timestep.numel() == 1 and not timestep.is_floating_point():
+    if _timestep_tensor(timestep):
         return int(timestep.item())
     return None
+
+
+def _timestep_tensor(timestep) -> bool:
+    return (isinstance(timestep, Tensor) and timestep.numel() == 1 and not timestep.is_floating_point()
+            and not timestep.is_complex() and timestep.dtype != torch.bool)
+
+
+def _timestep_batch(timestep: Tensor, sample: Tensor) -> Tensor:
+    """A one-element integer tensor as the (B,) int64 timesteps of ``sample`` on its device, never read back: the
+    fused ops check its range on the device, so a step with it can be captured in a CUDA graph."""
+    return timestep.to(sample.device, torch.int64).reshape(1).expand(sample.shape[0])
 
 
 def _single_generator(generator) -> bool:
@@ -269,22 +300,38 @@ class GenfastDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     thresholding, one training timestep at a time (t → t−1, i.e. no ``set_timesteps`` with fewer steps), betas
     in (0, 1), a single generator. Anything else runs diffusers' own ``step``. Build it like the original:
     ``GenfastDDPMScheduler.from_config(scheduler.config)``. The tables are float64 (diffusers' are float32), so
-    results agree to ~1e-3 at the smallest β, closer elsewhere; the variance noise is genfast's Philox stream."""
+    results agree to ~1e-3 at the smallest β, closer elsewhere; the variance noise is genfast's Philox stream.
+
+    A one-element tensor ``timestep`` is never read back when every step is t → t−1 (no ``set_timesteps``, or all
+    T steps): ``unet`` + ``step`` can then be captured in a CUDA graph and replayed with a static timestep tensor
+    (see ``DDPM.sample(cuda_graph=True)`` for the pattern)."""
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
-        t = _timestep_int(timestep)
         schedule = self.genfast_schedule(sample.device)
-        fusable = (t is not None and schedule is not None and self._fusable_prediction()
-                   and self.variance_type == "fixed_small" and _single_generator(generator)
-                   and model_output.shape == sample.shape and 0 <= t < schedule.num_steps
-                   and int(self.previous_timestep(t)) == t - 1)
-        if not fusable:
+        fusable = (schedule is not None and self._fusable_prediction() and self.variance_type == "fixed_small"
+                   and _single_generator(generator) and model_output.shape == sample.shape)
+        t = self._fused_timestep(timestep, sample, schedule) if fusable else None
+        if t is None:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         prev_sample = ddpm_step(model_output, t, sample, schedule, generator=generator)
         pred_original_sample = self._x0_from_eps(schedule, t, sample, model_output)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _tensor_timesteps_fuse(self) -> bool:
+        """Whether ``previous_timestep(t)`` is t − 1 for every t, known without t's value: no ``set_timesteps``,
+        or T inference steps of a spacing that visits every timestep."""
+        config = self.config
+        if self.custom_timesteps:
+            return False
+        if self.num_inference_steps is None:
+            return True
+        return (self.num_inference_steps == config.num_train_timesteps
+                and (config.timestep_spacing != "leading" or config.steps_offset == 0))
+
+    def _int_timestep_fuses(self, t: int) -> bool:
+        return int(self.previous_timestep(t)) == t - 1
 
 
 class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
@@ -293,26 +340,26 @@ class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
     a seed taken from ``generator``) for ε-prediction without clipping or thresholding, eta in [0, 1], betas in (0, 1)
     and a single generator; anything else runs diffusers' own ``step`` (which also raises its own errors, e.g.
     for ``set_timesteps`` not called). The last step uses ᾱ = 1 with ``set_alpha_to_one`` and ᾱ_0 otherwise, as
-    diffusers does. Build it with ``GenfastDDIMScheduler.from_config(scheduler.config)``."""
+    diffusers does. Build it with ``GenfastDDIMScheduler.from_config(scheduler.config)``. A one-element tensor
+    ``timestep`` is never read back, so ``unet`` + ``step`` can be captured in a CUDA graph."""
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,
              return_dict: bool = True):
         # without clipping, use_clipped_model_output recomputes ε̂ from x̂_0 = the same ε̂: it changes nothing
-        t = _timestep_int(timestep)
         schedule = self.genfast_schedule(sample.device)
-        fusable = (t is not None and schedule is not None and self.num_inference_steps is not None
+        fusable = (schedule is not None and self.num_inference_steps is not None
                    and self._fusable_prediction() and _single_generator(generator)
                    and not (generator is not None and variance_noise is not None)
-                   and isinstance(eta, numbers.Real) and 0 <= eta <= 1 and model_output.shape == sample.shape
-                   and 0 <= t < schedule.num_steps)
-        if not fusable:
+                   and isinstance(eta, numbers.Real) and 0 <= eta <= 1 and model_output.shape == sample.shape)
+        t = self._fused_timestep(timestep, sample, schedule) if fusable else None
+        if t is None:
             return super().step(model_output, timestep, sample, eta=eta,
                                 use_clipped_model_output=use_clipped_model_output, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
         t_prev = t - self.config.num_train_timesteps // self.num_inference_steps
-        if t_prev < 0 and not self.config.set_alpha_to_one:
-            t_prev = 0  # diffusers' final ᾱ is then ᾱ_0
+        if not self.config.set_alpha_to_one:  # diffusers' final ᾱ is then ᾱ_0
+            t_prev = t_prev.clamp(min=0) if isinstance(t_prev, Tensor) else max(t_prev, 0)
         prev_sample = ddim_step(model_output, t, t_prev, sample, schedule, float(eta), variance_noise,
                                 generator=generator)
         pred_original_sample = self._x0_from_eps(schedule, t, sample, model_output)

@@ -1,5 +1,6 @@
 """DDPM (Ho et al. 2020): an ε-prediction network and a noise schedule, trained with the fused
-:func:`genfast.diffusion_loss` and sampled with :func:`genfast.ddpm_step` or :func:`genfast.ddim_step`."""
+:func:`genfast.diffusion_loss` and sampled with :func:`genfast.ddpm_step` or :func:`genfast.ddim_step`, step by step
+or with one denoising step captured in a CUDA graph and replayed."""
 from __future__ import annotations
 
 import numbers
@@ -14,6 +15,7 @@ from ._common import check_positive_int
 from .unet import UNet
 
 SAMPLERS = ("ddpm", "ddim")
+WARMUP_STEPS = 3  # real steps run uncaptured on a side stream before the capture, as the PyTorch docs warm up
 
 
 class DDPM(nn.Module):
@@ -39,13 +41,44 @@ class DDPM(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0,
-               generator: Optional[torch.Generator] = None, progress: bool = False) -> Tensor:
+               generator: Optional[torch.Generator] = None, progress: bool = False,
+               cuda_graph: bool = False) -> Tensor:
         """``n`` images (n, C, S, S) in [-1, 1] (clamped) from x_T ~ N(0, I) drawn with ``generator``.
 
         ``sampler="ddpm"``: ancestral sampling through all T timesteps (``steps`` must be None or T).
         ``sampler="ddim"``: ``steps`` (default 50, at most T) timesteps evenly spaced over [0, T−1] (rounded), from
-        the last down to 0, with noise scale ``eta`` (0: deterministic). ``progress`` shows a tqdm bar."""
+        the last down to 0, with noise scale ``eta`` (0: deterministic). ``progress`` shows a tqdm bar.
+
+        ``cuda_graph=True``: one denoising step (the U-Net and the fused step) runs on static buffers — x_t and a
+        step counter that indexes a device table of the timesteps — and on CUDA, after WARMUP_STEPS real steps on
+        a side stream, is captured once in a CUDA graph and replayed for every remaining step. The noise seeds are
+        drawn inside the graph from ``generator`` (torch's CUDA generators are graph-safe: a replay draws what the
+        eager step would), so the images are those of the plain loop. The capture costs about one step per call.
+        On other devices the same static-buffer step runs uncaptured."""
         check_positive_int(n, "n")
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        timesteps = self._timesteps(sampler, steps)
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or eta < 0:
+            raise ValueError(f"eta must be a real number >= 0, got {eta!r}")
+        from tqdm.auto import tqdm
+
+        parameter = next(self.unet.parameters())
+        shape = (n, self.unet.in_channels, self.unet.image_size, self.unet.image_size)
+        x = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        bar = tqdm(total=len(timesteps), desc=f"{sampler} sampling", unit="step", disable=not progress)
+        prev = timesteps[1:] + [-1]
+        if cuda_graph:
+            x = self._sample_static(x, timesteps, prev, sampler, eta, generator, bar)
+        else:
+            for t, t_prev in zip(timesteps, prev):
+                x = self._step(x, t, t_prev, sampler, eta, generator)
+                bar.update()
+        bar.close()
+        return x.clamp(-1.0, 1.0)
+
+    def _timesteps(self, sampler: str, steps: Optional[int]) -> list[int]:
+        """The timesteps ``sampler`` visits, from the last down to 0."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         num_steps = self.schedule.num_steps
@@ -53,30 +86,67 @@ class DDPM(nn.Module):
             if steps is not None and steps != num_steps:
                 raise ValueError(f"the ddpm sampler runs all T={num_steps} steps: steps must be None or {num_steps}, "
                                  f"got {steps!r} (use sampler='ddim' for fewer)")
-            timesteps = list(range(num_steps - 1, -1, -1))
-        else:
-            steps = 50 if steps is None else steps
-            check_positive_int(steps, "steps")
-            if steps > num_steps:
-                raise ValueError(f"steps must be <= T={num_steps}, got {steps}")
-            timesteps = torch.linspace(0, num_steps - 1, steps, dtype=torch.float64).round().long().tolist()[::-1]
-        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or eta < 0:
-            raise ValueError(f"eta must be a real number >= 0, got {eta!r}")
-        parameter = next(self.unet.parameters())
-        shape = (n, self.unet.in_channels, self.unet.image_size, self.unet.image_size)
-        x = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
-        if progress:
-            from tqdm.auto import tqdm
+            return list(range(num_steps - 1, -1, -1))
+        steps = 50 if steps is None else steps
+        check_positive_int(steps, "steps")
+        if steps > num_steps:
+            raise ValueError(f"steps must be <= T={num_steps}, got {steps}")
+        return torch.linspace(0, num_steps - 1, steps, dtype=torch.float64).round().long().tolist()[::-1]
 
-            iterator = tqdm(range(len(timesteps)), desc=f"{sampler} sampling", unit="step")
-        else:
-            iterator = range(len(timesteps))
-        for i in iterator:
-            t = timesteps[i]
-            eps_hat = self.unet(x, torch.full((n,), t, dtype=torch.long, device=x.device))
-            if sampler == "ddpm":
-                x = ddpm_step(eps_hat, t, x, self.schedule, generator=generator)
-            else:
-                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                x = ddim_step(eps_hat, t, t_prev, x, self.schedule, eta=eta, generator=generator)
-        return x.clamp(-1.0, 1.0)
+    def _step(self, x: Tensor, t, t_prev, sampler: str, eta: float, generator) -> Tensor:
+        """x_{t_prev} from x_t; ``t`` and ``t_prev`` (DDIM only) ints or (n,) tensors."""
+        t_batch = t if isinstance(t, Tensor) else torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps_hat = self.unet(x, t_batch)
+        if sampler == "ddpm":
+            return ddpm_step(eps_hat, t, x, self.schedule, generator=generator)
+        return ddim_step(eps_hat, t, t_prev, x, self.schedule, eta=eta, generator=generator)
+
+    def _sample_static(self, x: Tensor, timesteps: list[int], prev: list[int], sampler: str, eta: float,
+                       generator, bar) -> Tensor:
+        """The loop of :meth:`sample` on static buffers, graphed on CUDA. The DDPM step at t = 0 adds no noise, so
+        the plain loop draws no seed for it: it runs after the others with t = 0 an int, as there."""
+        graphed = len(timesteps) - (sampler == "ddpm")
+        pairs = torch.tensor(list(zip(timesteps, prev))[:graphed], dtype=torch.long, device=x.device).view(graphed, 2)
+        table = pairs[:, :, None].expand(graphed, 2, x.shape[0]).contiguous()  # (step, [t, t_prev], sample)
+        index = torch.zeros(1, dtype=torch.long, device=x.device)
+
+        def step():
+            t, t_prev = table.index_select(0, index)[0].unbind(0)
+            x.copy_(self._step(x, t, t_prev, sampler, eta, generator))
+            index.add_(1)
+
+        _run_steps(step, graphed, x.device, generator, bar)
+        for t, t_prev in zip(timesteps[graphed:], prev[graphed:]):
+            x = self._step(x, t, t_prev, sampler, eta, generator)
+            bar.update()
+        return x
+
+
+def _run_steps(step, count: int, device: torch.device, generator, bar) -> None:
+    """``step()`` ``count`` times. On CUDA: WARMUP_STEPS of them uncaptured on a side stream, then one captured in
+    a CUDA graph (``generator`` registered with it, so that every replay advances the generator as an eager step
+    does; torch's default generator always is) and replayed for the rest. Elsewhere: uncaptured."""
+    if device.type != "cuda":
+        for _ in range(count):
+            step()
+            bar.update()
+        return
+    with torch.cuda.device(device):
+        warmup = min(WARMUP_STEPS, count)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+                bar.update()
+        torch.cuda.current_stream().wait_stream(side)
+        if warmup == count:
+            return
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(count - warmup):
+            graph.replay()
+            bar.update()

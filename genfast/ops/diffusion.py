@@ -8,22 +8,25 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .._backend import implementation, resolve_backend
+from .._backend import FusedOp, resolve_backend, run
 from .._rng import draw, draw_seed
 from .._shared import compute_dtype
 from .._validation import (
-    batch_major, check_float_tensor, check_generator, check_like, check_noise, check_timesteps_not_after,
-    check_timesteps_range, match_layout,
+    INTEGER_DTYPES, batch_major, check_float_tensor, check_generator, check_like, check_noise,
+    check_timesteps_not_after, check_timesteps_range, match_layout,
 )
 from ..composite import diffusion as composite
 from ..schedule import NoiseSchedule, _check_real
 
 OP = "diffusion"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 Timesteps = Union[int, Tensor]
-
-
-def _impl(backend: str):
-    return implementation(backend, OP)
+# the schedule tables each op reads, in its registered op's order
+Q_SAMPLE_TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+DDPM_TABLES = Q_SAMPLE_TABLES + ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance")
+DDIM_TABLES = ("alphas_cumprod",) + Q_SAMPLE_TABLES
+# backends whose kernels refuse a timestep outside the tables as they read it (csrc/cpu/diffusion.cpp): there a
+# tensor's timesteps are checked only once a kernel has refused one, to raise the ValueError naming the argument
+SELF_CHECKING = ("cpp",)
 
 
 # ---- q_sample: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε ------------------------------------------------------------------
@@ -34,8 +37,7 @@ def _q_sample_op(
     x0: Tensor, t: Tensor, noise: Optional[Tensor], seed: Optional[Tensor], sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor, backend: str,
 ) -> Tensor:
-    check_timesteps_range(t, sqrt_alphas_cumprod.shape[0])
-    return _impl(backend).q_sample(x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    return run(OP, "q_sample", x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, backend)
 
 
 @_q_sample_op.register_fake
@@ -47,7 +49,7 @@ def _(x0, t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, ba
 def _q_sample_backward_op(
     grad: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor, backend: str,
 ) -> Tensor:
-    return _impl(backend).q_sample_backward(grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    return run(OP, "q_sample_backward", grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, backend)
 
 
 @_q_sample_backward_op.register_fake
@@ -64,11 +66,12 @@ def _q_sample_setup(ctx, inputs, output):
 def _q_sample_backward(ctx, grad):
     grad_x0 = None
     if ctx.needs_input_grad[0]:
-        grad_x0 = _q_sample_backward_op(batch_major(grad), *ctx.saved_tensors, ctx.backend)
+        grad_x0 = _q_sample_grad(batch_major(grad), *ctx.saved_tensors, ctx.backend)
     return grad_x0, None, None, None, None, None, None
 
 
-_q_sample_op.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
+_q_sample = FusedOp(_q_sample_op, OP, "q_sample", setup_context=_q_sample_setup, backward=_q_sample_backward)
+_q_sample_grad = FusedOp(_q_sample_backward_op, OP, "q_sample_backward")
 
 
 # ---- the sampler steps: x_prev = a·x_t + b·ε̂ + c·z, one backward launch for (dε̂, dx_t) ---------------------
@@ -91,10 +94,8 @@ def _ddpm_step_op(
     sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor, posterior_mean_coef1: Tensor,
     posterior_mean_coef2: Tensor, posterior_variance: Tensor, backend: str,
 ) -> Tensor:
-    check_timesteps_range(t, sqrt_alphas_cumprod.shape[0])
-    return _impl(backend).ddpm_step(model_output, t, x_t, noise, seed, sqrt_alphas_cumprod,
-                                    sqrt_one_minus_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
-                                    posterior_variance)
+    return run(OP, "ddpm_step", model_output, t, x_t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+               posterior_mean_coef1, posterior_mean_coef2, posterior_variance, backend)
 
 
 @_ddpm_step_op.register_fake
@@ -107,8 +108,8 @@ def _ddpm_step_backward_op(
     grad: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
     posterior_mean_coef1: Tensor, posterior_mean_coef2: Tensor, posterior_variance: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _impl(backend).ddpm_step_backward(grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                                             posterior_mean_coef1, posterior_mean_coef2, posterior_variance)
+    return run(OP, "ddpm_step_backward", grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+               posterior_mean_coef1, posterior_mean_coef2, posterior_variance, backend)
 
 
 _ddpm_step_backward_op.register_fake(_step_fake_backward)
@@ -121,11 +122,12 @@ def _ddpm_setup(ctx, inputs, output):
 
 
 def _ddpm_backward(ctx, grad):
-    grad_model_output, grad_x = _step_grads(ctx, grad, 2, _ddpm_step_backward_op, *ctx.saved_tensors)
+    grad_model_output, grad_x = _step_grads(ctx, grad, 2, _ddpm_step_grad, *ctx.saved_tensors)
     return (grad_model_output, None, grad_x) + (None,) * 8
 
 
-_ddpm_step_op.register_autograd(_ddpm_backward, setup_context=_ddpm_setup)
+_ddpm_step = FusedOp(_ddpm_step_op, OP, "ddpm_step", setup_context=_ddpm_setup, backward=_ddpm_backward)
+_ddpm_step_grad = FusedOp(_ddpm_step_backward_op, OP, "ddpm_step_backward")
 
 
 @torch.library.custom_op("genfast::ddim_step", mutates_args=())
@@ -134,12 +136,8 @@ def _ddim_step_op(
     eta: float, alphas_cumprod: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
     backend: str,
 ) -> Tensor:
-    check_timesteps_range(t, alphas_cumprod.shape[0])
-    check_timesteps_range(t_prev, alphas_cumprod.shape[0], "t_prev", allow_negative=True)
-    if eta > 0:
-        check_timesteps_not_after(t_prev, t)
-    return _impl(backend).ddim_step(model_output, t, t_prev, x_t, noise, seed, eta, alphas_cumprod,
-                                    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
+    return run(OP, "ddim_step", model_output, t, t_prev, x_t, noise, seed, eta, alphas_cumprod, sqrt_alphas_cumprod,
+               sqrt_one_minus_alphas_cumprod, backend)
 
 
 @_ddim_step_op.register_fake
@@ -152,8 +150,8 @@ def _ddim_step_backward_op(
     grad: Tensor, t: Tensor, t_prev: Tensor, eta: float, alphas_cumprod: Tensor, sqrt_alphas_cumprod: Tensor,
     sqrt_one_minus_alphas_cumprod: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _impl(backend).ddim_step_backward(grad, t, t_prev, eta, alphas_cumprod, sqrt_alphas_cumprod,
-                                             sqrt_one_minus_alphas_cumprod)
+    return run(OP, "ddim_step_backward", grad, t, t_prev, eta, alphas_cumprod, sqrt_alphas_cumprod,
+               sqrt_one_minus_alphas_cumprod, backend)
 
 
 _ddim_step_backward_op.register_fake(_step_fake_backward)
@@ -167,11 +165,12 @@ def _ddim_setup(ctx, inputs, output):
 
 def _ddim_backward(ctx, grad):
     t, t_prev, *tables = ctx.saved_tensors
-    grad_model_output, grad_x = _step_grads(ctx, grad, 3, _ddim_step_backward_op, t, t_prev, ctx.eta, *tables)
+    grad_model_output, grad_x = _step_grads(ctx, grad, 3, _ddim_step_grad, t, t_prev, ctx.eta, *tables)
     return (grad_model_output, None, None, grad_x) + (None,) * 7
 
 
-_ddim_step_op.register_autograd(_ddim_backward, setup_context=_ddim_setup)
+_ddim_step = FusedOp(_ddim_step_op, OP, "ddim_step", setup_context=_ddim_setup, backward=_ddim_backward)
+_ddim_step_grad = FusedOp(_ddim_step_backward_op, OP, "ddim_step_backward")
 
 
 # ---- the ε-prediction loss: mean((ε̂ − ε)²) with ε regenerated from the seed ----------------------------------
@@ -179,7 +178,7 @@ _ddim_step_op.register_autograd(_ddim_backward, setup_context=_ddim_setup)
 
 @torch.library.custom_op("genfast::noise_mse", mutates_args=())
 def _noise_mse_op(eps_hat: Tensor, seed: Tensor, backend: str) -> Tensor:
-    return _impl(backend).noise_mse(eps_hat, seed)
+    return run(OP, "noise_mse", eps_hat, seed, backend)
 
 
 @_noise_mse_op.register_fake
@@ -189,7 +188,7 @@ def _(eps_hat, seed, backend):
 
 @torch.library.custom_op("genfast::noise_mse_backward", mutates_args=())
 def _noise_mse_backward_op(grad_loss: Tensor, eps_hat: Tensor, seed: Tensor, backend: str) -> Tensor:
-    return _impl(backend).noise_mse_backward(grad_loss, eps_hat, seed)
+    return run(OP, "noise_mse_backward", grad_loss, eps_hat, seed, backend)
 
 
 @_noise_mse_backward_op.register_fake
@@ -205,61 +204,87 @@ def _noise_mse_setup(ctx, inputs, output):
 
 def _noise_mse_backward(ctx, grad_loss):
     eps_hat, seed = ctx.saved_tensors
-    return _noise_mse_backward_op(grad_loss, eps_hat, seed, ctx.backend), None, None
+    return _noise_mse_grad(grad_loss, eps_hat, seed, ctx.backend), None, None
 
 
-_noise_mse_op.register_autograd(_noise_mse_backward, setup_context=_noise_mse_setup)
+_noise_mse = FusedOp(_noise_mse_op, OP, "noise_mse", setup_context=_noise_mse_setup, backward=_noise_mse_backward)
+_noise_mse_grad = FusedOp(_noise_mse_backward_op, OP, "noise_mse_backward")
 
 
 # ---- argument checks and the public functions ------------------------------------------------------------------
 
 
-def _timesteps(t, name: str, x: Tensor, num_steps: int, *, allow_negative: bool = False) -> Tensor:
-    """``t`` as a (B,) int64 tensor on x's device. An int is range-checked here; a tensor's values are checked by
-    the op (so torch.compile does not break the graph on a data-dependent check)."""
+def _timesteps(t, name: str, x: Tensor, num_steps: int, backend: str, *, allow_negative: bool = False) -> Tensor:
+    """``t`` as a (B,) int64 tensor on x's device, range-checked without reading a tensor back: an int on the host,
+    a tensor with ``torch._assert_async`` (no sync, and no graph break under torch.compile) — on a SELF_CHECKING
+    backend by :func:`_call`, after its kernel refused a timestep."""
     batch = x.shape[0]
+    if isinstance(t, Tensor):
+        if t.dtype not in INTEGER_DTYPES:
+            raise TypeError(f"{name} must have an integer dtype (int64, int32, int16, int8 or uint8), got {t.dtype}")
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the samples are on {x.device}: they must be on one "
+                             "device")
+        if backend not in SELF_CHECKING:
+            check_timesteps_range(t, num_steps, name, allow_negative=allow_negative)
+        return (t if t.dtype == torch.int64 else t.to(torch.int64)).contiguous()
     if isinstance(t, numbers.Integral) and not isinstance(t, bool):
-        if t >= num_steps or (t < 0 and not allow_negative):
-            bounds = f"< {num_steps}" if allow_negative else f"in [0, {num_steps})"
-            raise ValueError(f"{name} must be {bounds}, got {t}")
+        check_timesteps_range(t, num_steps, name, allow_negative=allow_negative)
         return torch.full((batch,), int(t), dtype=torch.int64, device=x.device)
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be an int or an integer tensor of shape ({batch},), got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {t.dtype}")
-    if tuple(t.shape) != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but the samples are on {x.device}: they must be on one device")
-    return t.to(torch.int64).contiguous()
+    raise TypeError(f"{name} must be an int or an integer tensor of shape ({batch},), got {type(t).__name__}")
+
+
+def _tables(schedule: NoiseSchedule, names: tuple) -> tuple:
+    """The schedule's tables ``names``, read from its buffer dict (nn.Module's attribute lookup costs ~1 µs)."""
+    buffers = schedule._buffers
+    return tuple(buffers[name] for name in names)
+
+
+def _call(fused, args: tuple, schedule: NoiseSchedule, timesteps: tuple):
+    """``fused(*args)``; on a SELF_CHECKING backend, when its kernel refuses a timestep, the ValueError the other
+    backends raise before the launch: ``timesteps`` are the op's (t, name, allow_negative), checked then."""
+    if args[-1] not in SELF_CHECKING:
+        return fused(*args)
+    try:
+        return fused(*args)
+    except RuntimeError:
+        for t, name, allow_negative in timesteps:
+            check_timesteps_range(t, schedule.num_steps, name, allow_negative=allow_negative)
+        raise
 
 
 def _prepare(x, x_name: str, schedule, t, noise, generator, *, draw_t: bool = False):
-    """Checks the arguments every op shares; returns (x, t, noise): x batch-major, noise in its layout and dtype,
-    t a (B,) int64 tensor (drawn uniformly in [0, T) from ``generator`` when None and ``draw_t``)."""
+    """Checks the arguments every op shares; returns (x, t, noise, backend): x batch-major, noise in its layout and
+    dtype, t a (B,) int64 tensor (drawn uniformly in [0, T) from ``generator`` when None and ``draw_t``), the
+    backend resolved for x."""
     check_float_tensor(x, x_name, min_dim=1)
     check_noise(noise, x, x_name)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a genfast.NoiseSchedule, got {type(schedule).__name__}")
-    if schedule.betas.device != x.device:
-        raise ValueError(f"schedule is on {schedule.betas.device} but {x_name} is on {x.device}: "
+    betas = _tables(schedule, ("betas",))[0]
+    if betas.device != x.device:
+        raise ValueError(f"schedule is on {betas.device} but {x_name} is on {x.device}: "
                          f"call schedule.to({str(x.device)!r}) once")
     check_generator(generator, x.device)
-    if t is None and draw_t:
-        t = draw(torch.randint, 0, schedule.num_steps, (x.shape[0],), device=x.device, generator=generator)
-    t = _timesteps(t, "t", x, schedule.num_steps)
+    backend = resolve_backend(x.device, x.dtype, OP)
+    if t is None and draw_t:  # in range by construction
+        t = draw(torch.randint, 0, betas.shape[0], (x.shape[0],), device=x.device, generator=generator)
+    else:
+        t = _timesteps(t, "t", x, betas.shape[0], backend)
     x = batch_major(x)
     if noise is not None:
         noise = match_layout(noise, x, dtype=x.dtype)
-    return x, t, noise
+    return x, t, noise, backend
 
 
 def _prepare_step(model_output, t, x_t, schedule, noise, generator):
     """:func:`_prepare` for a sampler step, with ``model_output`` (ε̂) checked against x_t and put in its layout."""
     check_float_tensor(x_t, "x_t", min_dim=1)
     check_like(model_output, "model_output", x_t, "x_t", same_dtype=True)
-    x_t, t, noise = _prepare(x_t, "x_t", schedule, t, noise, generator)
-    return match_layout(model_output, x_t), t, x_t, noise
+    x_t, t, noise, backend = _prepare(x_t, "x_t", schedule, t, noise, generator)
+    return match_layout(model_output, x_t), t, x_t, noise, backend
 
 
 def _noise_and_seed(noise, x, generator, needed: bool):
@@ -277,13 +302,12 @@ def q_sample(x0: Tensor, t: Timesteps, schedule: NoiseSchedule, noise: Optional[
     (B,) in [0, T). ε is ``noise`` when given (cast to x0's dtype; a constant, so one that requires grad is
     refused), else Philox noise drawn in the kernel from a seed taken from ``generator`` (torch's default when
     None): the stream of ``genfast.reference.random.noise_like(x0, seed)``. Differentiable in x0."""
-    x0, t, noise = _prepare(x0, "x0", schedule, t, noise, generator)
-    backend = resolve_backend(x0.device, x0.dtype, OP)
+    x0, t, noise, backend = _prepare(x0, "x0", schedule, t, noise, generator)
     if backend == "torch":
         return composite.q_sample(x0, t, schedule, noise, generator=generator)
     noise, seed = _noise_and_seed(noise, x0, generator, True)
-    return _q_sample_op(x0, t, noise, seed, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                        backend)
+    return _call(_q_sample, (x0, t, noise, seed, *_tables(schedule, Q_SAMPLE_TABLES), backend), schedule,
+                 ((t, "t", False),))
 
 
 def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: NoiseSchedule, *,
@@ -293,19 +317,18 @@ def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedu
     the noise seed is drawn from it. ε is Philox noise that is never written to memory: the noising writes only
     x_t and the loss regenerates ε in its forward and backward. Gradients reach the model through ε̂ and x0
     through x_t when x0 requires grad."""
-    x0, t, _ = _prepare(x0, "x0", schedule, t, None, generator, draw_t=True)
+    x0, t, _, backend = _prepare(x0, "x0", schedule, t, None, generator, draw_t=True)
     if x0.numel() == 0:
         raise ValueError(f"x0 must have at least one element: the loss is a mean, got shape {tuple(x0.shape)}")
-    backend = resolve_backend(x0.device, x0.dtype, OP)
     if backend == "torch":
         return composite.diffusion_loss(_checked_model(model, x0), x0, schedule, t=t, generator=generator)
     seed = draw_seed(x0.device, generator)
-    x_t = _q_sample_op(x0, t, None, seed, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
-                       backend)
+    x_t = _call(_q_sample, (x0, t, None, seed, *_tables(schedule, Q_SAMPLE_TABLES), backend), schedule,
+                ((t, "t", False),))
     eps_hat = _checked_model(model, x0)(x_t, t)
     # the noise stream is indexed by memory position: ε̂ must be laid out like x0
     eps_hat = match_layout(eps_hat, x_t)
-    return _noise_mse_op(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype, OP))
+    return _noise_mse(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype, OP))
 
 
 def _checked_model(model, x0: Tensor):
@@ -329,14 +352,12 @@ def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSc
     is refused), else Philox noise from ``generator`` as in :func:`q_sample`. Differentiable in model_output and
     x_t."""
     noisy = not (isinstance(t, numbers.Integral) and t == 0)
-    model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
-    backend = resolve_backend(x_t.device, x_t.dtype, OP)
+    model_output, t, x_t, noise, backend = _prepare_step(model_output, t, x_t, schedule, noise, generator)
     if backend == "torch":
         return composite.ddpm_step(model_output, t, x_t, schedule, noise, generator=generator)
     noise, seed = _noise_and_seed(noise, x_t, generator, noisy)
-    return _ddpm_step_op(model_output, t, x_t, noise, seed, schedule.sqrt_alphas_cumprod,
-                         schedule.sqrt_one_minus_alphas_cumprod, schedule.posterior_mean_coef1,
-                         schedule.posterior_mean_coef2, schedule.posterior_variance, backend)
+    return _call(_ddpm_step, (model_output, t, x_t, noise, seed, *_tables(schedule, DDPM_TABLES), backend),
+                 schedule, ((t, "t", False),))
 
 
 def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
@@ -355,13 +376,15 @@ def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor
     eta = _check_real(eta, "eta")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1] (1: the DDPM posterior variance), got {eta}")
-    if eta > 0 and all(isinstance(v, numbers.Integral) for v in (t, t_prev)):  # on the host, for every backend
+    on_host = all(isinstance(v, numbers.Integral) for v in (t, t_prev))
+    if eta > 0 and on_host:
         check_timesteps_not_after(t_prev, t)
-    model_output, t, x_t, noise = _prepare_step(model_output, t, x_t, schedule, noise, generator)
-    t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, allow_negative=True)
-    backend = resolve_backend(x_t.device, x_t.dtype, OP)
+    model_output, t, x_t, noise, backend = _prepare_step(model_output, t, x_t, schedule, noise, generator)
+    t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, backend, allow_negative=True)
+    if eta > 0 and not on_host:  # the kernels do not check this one
+        check_timesteps_not_after(t_prev, t)
     if backend == "torch":
         return composite.ddim_step(model_output, t, t_prev, x_t, schedule, eta, noise, generator=generator)
     noise, seed = _noise_and_seed(noise, x_t, generator, eta > 0)
-    return _ddim_step_op(model_output, t, t_prev, x_t, noise, seed, eta, schedule.alphas_cumprod,
-                         schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, backend)
+    args = (model_output, t, t_prev, x_t, noise, seed, eta, *_tables(schedule, DDIM_TABLES), backend)
+    return _call(_ddim_step, args, schedule, ((t, "t", False), (t_prev, "t_prev", True)))

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .._backend import implementation, resolve_backend
+from .._backend import FusedOp, resolve_backend, run
 from .._rng import draw
 from .._shared import compute_dtype
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, match_layout
@@ -18,17 +18,13 @@ from ..composite import gradient_penalty as composite
 OP = "gradient_penalty"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 
 
-def _impl(backend: str):
-    return implementation(backend, OP)
-
-
 # ---- interpolation: x̂ = fake + α_b·(real − fake) ------------------------------------------------------------
 # real and fake share one batch-major layout (the kernels index them by memory position); alpha is (B,) in the
 # compute dtype (fp32, fp64 for fp64 inputs). α is a constant: it gets no gradient.
 
 @torch.library.custom_op("genfast::interpolate", mutates_args=())
 def _interpolate_op(real: Tensor, fake: Tensor, alpha: Tensor, backend: str) -> Tensor:
-    return _impl(backend).interpolate(real, fake, alpha)
+    return run(OP, "interpolate", real, fake, alpha, backend)
 
 
 @_interpolate_op.register_fake
@@ -40,7 +36,7 @@ def _(real, fake, alpha, backend):
 def _interpolate_backward_op(
     grad: Tensor, alpha: Tensor, want_real: bool, want_fake: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return _impl(backend).interpolate_backward(grad, alpha, want_real, want_fake)
+    return run(OP, "interpolate_backward", grad, alpha, want_real, want_fake, backend)
 
 
 @_interpolate_backward_op.register_fake
@@ -59,11 +55,13 @@ def _interpolate_backward(ctx, grad):
     (alpha,) = ctx.saved_tensors
     want_real, want_fake = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     # d real and d fake take the incoming gradient's layout: the kernel only needs the three to share one
-    grad_real, grad_fake = _interpolate_backward_op(batch_major(grad), alpha, want_real, want_fake, ctx.backend)
+    grad_real, grad_fake = _interpolate_grad(batch_major(grad), alpha, want_real, want_fake, ctx.backend)
     return grad_real if want_real else None, grad_fake if want_fake else None, None, None
 
 
-_interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup_context)
+_interpolate = FusedOp(_interpolate_op, OP, "interpolate", setup_context=_interpolate_setup_context,
+                       backward=_interpolate_backward)
+_interpolate_grad = FusedOp(_interpolate_backward_op, OP, "interpolate_backward")
 
 
 # ---- penalty: norms_b = ‖g_b‖₂, p = weight·mean_b(norms_b − 1)² ------------------------------------------------
@@ -72,7 +70,7 @@ _interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpol
 
 @torch.library.custom_op("genfast::gradient_norm_penalty", mutates_args=())
 def _penalty_op(grad: Tensor, weight: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _impl(backend).gradient_norm_penalty(grad, weight)
+    return run(OP, "gradient_norm_penalty", grad, weight, backend)
 
 
 @_penalty_op.register_fake
@@ -83,7 +81,7 @@ def _(grad, weight, backend):
 
 @torch.library.custom_op("genfast::gradient_norm_penalty_backward", mutates_args=())
 def _penalty_backward_op(grad_penalty: Tensor, grad: Tensor, norms: Tensor, weight: float, backend: str) -> Tensor:
-    return _impl(backend).gradient_norm_penalty_backward(grad_penalty, grad, norms, weight)
+    return run(OP, "gradient_norm_penalty_backward", grad_penalty, grad, norms, weight, backend)
 
 
 @_penalty_backward_op.register_fake
@@ -95,6 +93,7 @@ def _penalty_setup_context(ctx, inputs, output):
     grad, weight, backend = inputs
     ctx.save_for_backward(grad, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient of the norms
     ctx.weight, ctx.backend = weight, backend
 
 
@@ -103,11 +102,15 @@ def _penalty_backward(ctx, grad_penalty, _grad_norms):
     # g = ∇_x̂ critic(x̂; θ), so dp/dθ = (∂g/∂θ)ᵀ·(∂p/∂g): this op supplies ∂p/∂g, and autograd carries it on
     # through g's own graph, recorded by autograd.grad(..., create_graph=True), which holds the second-order
     # part (the mixed derivatives ∂²critic/∂x̂∂θ). Only a third derivative would differentiate this backward op.
+    if grad_penalty is None:  # only the (non-differentiable) norms were used
+        return None, None, None
     grad, norms = ctx.saved_tensors
-    return _penalty_backward_op(grad_penalty, grad, norms, ctx.weight, ctx.backend), None, None
+    return _penalty_grad(grad_penalty, grad, norms, ctx.weight, ctx.backend), None, None
 
 
-_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
+_penalty = FusedOp(_penalty_op, OP, "gradient_norm_penalty", setup_context=_penalty_setup_context,
+                   backward=_penalty_backward)
+_penalty_grad = FusedOp(_penalty_backward_op, OP, "gradient_norm_penalty_backward")
 
 
 # ---- public function ---------------------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
     real = batch_major(real.to(dtype))
     fake = match_layout(fake, real, dtype=dtype)
     alpha = _alpha(alpha, real, generator)
-    x_hat = _interpolate_op(real, fake, alpha, backend)
+    x_hat = _interpolate(real, fake, alpha, backend)
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():  # under no_grad the value is still wanted, and it needs g
         if not x_hat.requires_grad:
@@ -170,4 +173,4 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
         scores = critic(x_hat)
         check_float_tensor(scores, "the critic's output")
         (grad,) = torch.autograd.grad(scores, x_hat, torch.ones_like(scores), create_graph=create_graph)
-    return _penalty_op(batch_major(grad), weight, backend)[0]
+    return _penalty(batch_major(grad), weight, backend)[0]

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import implementation, resolve_backend
+from .._backend import FusedOp, resolve_backend, run
 from .._shared import compute_dtype
 from .._validation import check_float_tensor, check_like, match_layout
 from ..composite import group_norm_silu as composite
@@ -16,16 +16,12 @@ OP = "group_norm_silu"  # its module's name in every layer: kernels/, genfast/re
 ACTIVATIONS = ("silu", None)
 
 
-def _impl(backend: str):
-    return implementation(backend, OP)
-
-
 @torch.library.custom_op("genfast::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], add: Optional[Tensor], scale: Optional[Tensor],
     shift: Optional[Tensor], num_groups: int, eps: float, silu: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _impl(backend).group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, silu)
+    return run(OP, "group_norm_silu", x, weight, bias, add, scale, shift, num_groups, eps, silu, backend)
 
 
 @_group_norm_silu_op.register_fake
@@ -41,8 +37,8 @@ def _group_norm_silu_backward_op(
     scale: Optional[Tensor], shift: Optional[Tensor], mean: Tensor, rstd: Tensor, num_groups: int, silu: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _impl(backend).group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, rstd,
-                                                   num_groups, silu)
+    return run(OP, "group_norm_silu_backward", grad_y, x, weight, bias, add, scale, shift, mean, rstd, num_groups,
+               silu, backend)
 
 
 @_group_norm_silu_backward_op.register_fake
@@ -58,19 +54,24 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, add, scale, shift, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of mean and rstd: no launches for them
     ctx.num_groups, ctx.silu, ctx.backend = num_groups, silu, backend
 
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
+    if grad_y is None:
+        return (None,) * 10
     x, weight, bias, add, scale, shift, mean, rstd = ctx.saved_tensors
     grad_y = match_layout(grad_y, x, dtype=x.dtype)  # the kernels index dy with x's strides
-    grads = _group_norm_silu_backward_op(grad_y, x, weight, bias, add, scale, shift, mean, rstd, ctx.num_groups,
-                                         ctx.silu, ctx.backend)
+    grads = _group_norm_silu_grad(grad_y, x, weight, bias, add, scale, shift, mean, rstd, ctx.num_groups, ctx.silu,
+                                  ctx.backend)
     inputs = (x, weight, bias, add, scale, shift)
     return tuple(g if t is not None else None for g, t in zip(grads, inputs)) + (None,) * 4
 
 
-_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+_group_norm_silu = FusedOp(_group_norm_silu_op, OP, "group_norm_silu", setup_context=_setup_context,
+                           backward=_backward)
+_group_norm_silu_grad = FusedOp(_group_norm_silu_backward_op, OP, "group_norm_silu_backward")
 
 
 def _kernel_ready(x: Tensor) -> bool:
@@ -89,7 +90,7 @@ def _kernel_ready(x: Tensor) -> bool:
 def _kernel_layout(x: Tensor) -> Tensor:
     """x itself when the kernels can read it in place (NCHW, NHWC, (B, C, L) in either order, ...); otherwise a
     dense copy in x's suggested memory format (a sliced channels_last image stays channels_last), or contiguous."""
-    if _kernel_ready(x):
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) or _kernel_ready(x):
         return x
     dense = torch.empty_like(x)
     return dense.copy_(x) if _kernel_ready(dense) else x.contiguous()
@@ -118,9 +119,10 @@ def _check_args(x, num_groups, weight, bias, eps, add, scale, shift, activation)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_like(t, name, x, "x", shape=(channels,))
-    for name, t in (("add", add), ("scale", scale), ("shift", shift)):
-        if t is not None:
-            check_like(t, name, x, "x", shape=x.shape[:2])
+    if add is not None or scale is not None or shift is not None:
+        for name, t in (("add", add), ("scale", scale), ("shift", shift)):
+            if t is not None:
+                check_like(t, name, x, "x", shape=x.shape[:2])
     check_eps(eps)
     if not (activation is None or (isinstance(activation, str) and activation == "silu")):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -145,5 +147,5 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         return composite.group_norm_silu(x, num_groups, weight, bias, eps, add=add, scale=scale, shift=shift,
                                          activation=activation)
     x = _kernel_layout(x)
-    return _group_norm_silu_op(x, weight, bias, add, scale, shift, num_groups, float(eps), activation == "silu",
-                               backend)[0]
+    return _group_norm_silu(x, weight, bias, add, scale, shift, num_groups, float(eps), activation == "silu",
+                            backend)[0]

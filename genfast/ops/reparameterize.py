@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._backend import implementation, resolve_backend
-from .._rng import draw_seed
+from .._backend import FusedOp, resolve_backend, run
+from .._rng import draw_seed, unused_seed
 from .._shared import compute_dtype
 from .._validation import batch_major, check_float_tensor, check_generator, check_like, check_noise, match_layout
 from ..composite import reparameterize as composite
@@ -15,15 +15,11 @@ from ..composite import reparameterize as composite
 OP = "reparameterize"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 
 
-def _impl(backend: str):
-    return implementation(backend, OP)
-
-
 @torch.library.custom_op("genfast::reparameterize_kl", mutates_args=())
 def _reparameterize_kl_op(
     mu: Tensor, logvar: Tensor, noise: Optional[Tensor], seed: Tensor, want_z: bool, want_kl: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return _impl(backend).reparameterize_kl(mu, logvar, noise, seed, want_z, want_kl)
+    return run(OP, "reparameterize_kl", mu, logvar, noise, seed, want_z, want_kl, backend)
 
 
 @_reparameterize_kl_op.register_fake
@@ -39,7 +35,7 @@ def _reparameterize_kl_backward_op(
     grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, noise: Optional[Tensor],
     seed: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return _impl(backend).reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, noise, seed)
+    return run(OP, "reparameterize_kl_backward", grad_z, grad_kl, mu, logvar, noise, seed, backend)
 
 
 @_reparameterize_kl_backward_op.register_fake
@@ -50,6 +46,7 @@ def _(grad_z, grad_kl, mu, logvar, noise, seed, backend):
 def _setup_context(ctx, inputs, output):
     mu, logvar, noise, seed, want_z, want_kl, backend = inputs
     ctx.save_for_backward(mu, logvar, noise, seed)
+    ctx.set_materialize_grads(False)  # an unused z or KL sends None, not a zero-filled gradient
     ctx.want_z, ctx.want_kl, ctx.backend = want_z, want_kl, backend
 
 
@@ -60,11 +57,13 @@ def _backward(ctx, grad_z, grad_kl):
     grad_kl = grad_kl.contiguous() if ctx.want_kl and grad_kl is not None else None
     if grad_z is None and grad_kl is None:
         return None, None, None, None, None, None, None
-    grad_mu, grad_logvar = _reparameterize_kl_backward_op(grad_z, grad_kl, mu, logvar, noise, seed, ctx.backend)
+    grad_mu, grad_logvar = _reparameterize_kl_grad(grad_z, grad_kl, mu, logvar, noise, seed, ctx.backend)
     return grad_mu, grad_logvar, None, None, None, None, None
 
 
-_reparameterize_kl_op.register_autograd(_backward, setup_context=_setup_context)
+_reparameterize_kl = FusedOp(_reparameterize_kl_op, OP, "reparameterize_kl", setup_context=_setup_context,
+                             backward=_backward)
+_reparameterize_kl_grad = FusedOp(_reparameterize_kl_backward_op, OP, "reparameterize_kl_backward")
 
 
 def _check(mu, logvar, noise, generator) -> str:
@@ -82,11 +81,8 @@ def _fused(mu, logvar, noise, generator, backend, want_z: bool, want_kl: bool):
     logvar = match_layout(logvar, mu)
     if noise is not None:
         noise = match_layout(noise, mu, dtype=mu.dtype)
-    if want_z and noise is None:
-        seed = draw_seed(mu.device, generator)
-    else:
-        seed = torch.zeros(2, dtype=torch.int64, device=mu.device)
-    return _reparameterize_kl_op(mu, logvar, noise, seed, want_z, want_kl, backend)
+    seed = draw_seed(mu.device, generator) if want_z and noise is None else unused_seed(mu.device)
+    return _reparameterize_kl(mu, logvar, noise, seed, want_z, want_kl, backend)
 
 
 def reparameterize_kl(mu: Tensor, logvar: Tensor, noise: Optional[Tensor] = None, *,

@@ -8,7 +8,8 @@ j-th element of sample b in memory order is lane ``j % 4`` of
 turned into normals by Box-Muller on pairs of 24-bit uniforms: u = ((x0 >> 8) + 1)·2⁻²⁴ ∈ (0, 1],
 v = (x1 >> 8)·2⁻²⁴ − ½, r = √(−2 ln u), θ = 2πv, (n0, n1) = (r cos θ, r sin θ), and likewise (x2, x3) → (n2, n3).
 The uniforms are exact in fp32, so backends differ only by the last bits of log/sqrt/sin/cos.
-``seed`` is an int64 tensor ``[key, offset]``. uint32 words are held in int64 tensors here.
+``seed`` is an int64 tensor ``[key, offset]`` (each read as an unsigned 64-bit word), used with tensor ops only:
+nothing is read back to the host. uint32 words are held in int64 tensors here.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (product >> 32) & MASK32, product & MASK32
 
 
-def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox-4x32 with 10 rounds (Salmon et al. 2011), as ``tl.philox``; counters are int64 tensors of uint32."""
+def philox4x32(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32 with 10 rounds (Salmon et al. 2011), as ``tl.philox``; counters are int64 tensors of uint32, the
+    key words ints or 0-dim int64 tensors of uint32."""
     for _ in range(PHILOX_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
@@ -58,14 +60,14 @@ def philox_normal(seed: torch.Tensor, batch: int, sample_numel: int) -> torch.Te
     """fp32 standard normals of shape (batch, sample_numel): row b, column j is element j of sample b."""
     if sample_numel > MAX_SAMPLE_NUMEL:
         raise ValueError(f"noise: at most {MAX_SAMPLE_NUMEL} elements per sample, got {sample_numel}")
-    key, offset = (int(v) & 0xFFFFFFFFFFFFFFFF for v in seed.tolist())
+    key, offset = seed.unbind()
     device = seed.device
     groups = (sample_numel + 3) // 4
     c0 = torch.arange(groups, dtype=torch.int64, device=device).expand(batch, groups)
     c1 = torch.arange(batch, dtype=torch.int64, device=device)[:, None].expand(batch, groups)
-    c2 = torch.full_like(c0, offset & MASK32)
-    c3 = torch.full_like(c0, offset >> 32)
-    x0, x1, x2, x3 = philox4x32(c0, c1, c2, c3, key & MASK32, key >> 32)
+    c2 = (offset & MASK32).expand(batch, groups)
+    c3 = ((offset >> 32) & MASK32).expand(batch, groups)  # >> is arithmetic: the mask keeps the word's 32 bits
+    x0, x1, x2, x3 = philox4x32(c0, c1, c2, c3, key & MASK32, (key >> 32) & MASK32)
     n0, n1 = _box_muller(x0, x1)
     n2, n3 = _box_muller(x2, x3)
     return torch.stack((n0, n1, n2, n3), dim=-1).reshape(batch, groups * 4)[:, :sample_numel]

@@ -14,10 +14,13 @@ MODELS = ("vae", "wgan", "ddpm")
 MODEL_OPS = {"vae": ("reparameterize",), "wgan": ("gradient_penalty",), "ddpm": ("diffusion", "group_norm_silu")}
 MAX_SEED = 2**32 - 1  # NumPy's global seed is a 32-bit word
 DEFAULT_LR = {"vae": 1e-3, "wgan": 1e-4, "ddpm": 2e-4}
+DEFAULT_EMA = {"vae": 0.0, "wgan": 0.0, "ddpm": 0.9999}
 
 # Fields a --resume run takes from the command line; every other field comes from the checkpoint.
 RUN_FIELDS = ("out", "epochs", "max_steps", "checkpoint_every", "backend", "device", "quiet", "resume", "workers",
               "given")
+# What a checkpoint written before a setting existed ran with.
+LEGACY = {"precision": "fp32", "ema": 0.0}
 
 
 @dataclass(kw_only=True)
@@ -54,6 +57,16 @@ class RunConfig:
     epochs: int = 20
     max_steps: int | None = None
     checkpoint_every: int = 500
+    # how a step runs (saved: a resumed run keeps the checkpoint's)
+    precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: bf16 on a GPU with native bf16, else fp32
+    ema: float | None = None  # EMA decay of the sampling weights, 0 = off; None: ddpm 0.9999, vae/wgan 0
+    ema_warmup: bool = True  # EMA decay min(ema, (1 + t)/(10 + t)) after t updates
+    compile: str | None = None  # torch.compile backend of the training step ("inductor"); None: eager
+    channels_last: bool = False  # models and inputs in channels_last
+    # sample quality during training (genfast.evaluation; saved, so that a resumed run's metrics.csv goes on alike):
+    # every eval_every steps (0 = never), eval_num samples
+    eval_every: int = 0
+    eval_num: int = 1000
     backend: str = "auto"
     device: str = "auto"
     quiet: bool = False
@@ -77,6 +90,13 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def resolved(self, device) -> "RunConfig":
+        """This config with the device-dependent defaults filled in (precision, ema): what a checkpoint saves."""
+        from .precision import default_precision
+
+        return dataclasses.replace(self, precision=self.precision or default_precision(device),
+                                   ema=DEFAULT_EMA[self.model] if self.ema is None else float(self.ema))
+
     def backend_reason(self, device) -> str | None:
         """Why ``backend`` cannot run this model's genfast ops on ``device`` (the first that it cannot), or None."""
         from .._backend import why_not
@@ -97,6 +117,23 @@ class RunConfig:
             raise UsageError(f"--gp-weight must be a finite number >= 0, got {self.gp_weight}")
         if self.model == "ddpm" and self.sample_steps > self.timesteps:
             raise UsageError(f"--sample-steps {self.sample_steps} must be <= --timesteps {self.timesteps}")
+        self._check_step_settings()
+
+    def _check_step_settings(self) -> None:
+        from .precision import PRECISIONS, compile_backends
+
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.ema is not None and (isinstance(self.ema, bool) or not 0 <= self.ema < 1):
+            raise UsageError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema!r}")
+        if self.compile is not None and self.compile not in compile_backends():
+            raise UsageError(f"--compile must name a torch.compile backend ({', '.join(compile_backends())}), "
+                             f"got {self.compile!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise UsageError(f"--eval-every must be an integer >= 0 (0 = never), got {self.eval_every!r}")
+        if self.eval_every and self.eval_num < 4:
+            raise UsageError(f"--eval-num must be >= 4 (FID needs 2 samples, the k=3 manifolds 4), "
+                             f"got {self.eval_num}")
 
     def resumed_from(self, saved: dict, given: tuple[str, ...] = ()) -> tuple["RunConfig", list[str]]:
         """(this run's length settings on the saved run's model, data and optimisation settings; the fields in
@@ -105,7 +142,7 @@ class RunConfig:
         if not isinstance(saved, dict) or saved.get("model") != self.model:
             what = saved.get("model") if isinstance(saved, dict) else None
             raise ValueError(f"the checkpoint in {self.out} is a {what} run, not {self.model}")
-        fields = {name: value for name, value in saved.items() if name not in RUN_FIELDS}
+        fields = {**LEGACY, **{name: value for name, value in saved.items() if name not in RUN_FIELDS}}
         fields.update({name: getattr(self, name) for name in RUN_FIELDS})
         ignored = [f"--{name.replace('_', '-')} {getattr(self, name)} (checkpoint: {fields[name]})"
                    for name in given if name not in RUN_FIELDS and name in fields

@@ -1,4 +1,5 @@
-"""The one training loop: data order, steps, metrics, checkpoints, resume, Ctrl-C and NaN handling, DDP."""
+"""The one training loop: data order, steps, metrics (and sample quality with --eval-every), checkpoints, resume,
+Ctrl-C and NaN handling, DDP."""
 from __future__ import annotations
 
 import csv
@@ -22,6 +23,8 @@ from ..checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoi
 from ..plots import plot_losses
 from .config import RunConfig, UsageError
 from .distributed import World, all_true, gather, init_world, resolve_device, shutdown
+from .precision import precision_reason
+from .quality import EVAL_COLUMNS, TrainingEval
 from .tasks import TASKS, NonFiniteLoss, Task
 
 CHECKPOINT = "checkpoint.pt"
@@ -108,16 +111,22 @@ def _progress(total: int, initial: int, config: RunConfig, world: World):
                 unit="step", dynamic_ncols=True)
 
 
+def evaluated(rows: list[dict]) -> tuple[str, ...]:
+    """:data:`EVAL_COLUMNS` when a row holds them (the run evaluated with --eval-every), else ()."""
+    return EVAL_COLUMNS if any("fid" in row for row in rows) else ()
+
+
 def write_metrics(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
-    """metrics.csv: step, epoch, the task's columns and images/s, one row a step (floats in full precision)."""
-    fields = ("step", "epoch") + columns + ("images_per_s",)
+    """metrics.csv: step, epoch, the task's columns, images/s and, with --eval-every, fid, kid, precision and
+    recall (blank at the steps that were not evaluated), one row a step (floats in full precision)."""
+    fields = ("step", "epoch") + columns + ("images_per_s",) + evaluated(rows)
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(fields)
             for row in rows:
-                writer.writerow(["" if row[k] is None else repr(row[k]) for k in fields])
+                writer.writerow(["" if row.get(k) is None else repr(row[k]) for k in fields])
 
     atomic_write(path, write)
 
@@ -163,7 +172,11 @@ def _train(config: RunConfig, world: World) -> RunResult:
         raise UsageError(str(exc)) from None
     # Each process draws its own noise; the seed, and so the whole run, is fixed by --seed.
     noise = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + world.rank)
-    run = _Run(config, world, device, data, task, noise)
+    try:
+        evaluation = TrainingEval(config, data, device) if config.eval_every and world.is_main else None
+    except ValueError as exc:  # too few reference images
+        raise UsageError(f"--eval-every: {exc}") from None
+    run = _Run(config, world, device, data, task, noise, evaluation)
     if saved is not None:
         run.restore(saved)
     total = config.epochs * data.steps_per_epoch
@@ -175,7 +188,7 @@ def _train(config: RunConfig, world: World) -> RunResult:
     run.save()
     task.train(False)
     if world.is_main:
-        plot_losses(run.history, task.plotted, config.out_dir / "loss.png",
+        plot_losses(run.history, task.plotted + evaluated(run.history), config.out_dir / "loss.png",
                     title=f"{config.model} on {config.dataset} ({run.step} steps)")
         with genfast.use_backend(config.backend):
             task.write_outputs(config.out_dir, preview)
@@ -205,6 +218,10 @@ def _settings(config: RunConfig, world: World) -> tuple[RunConfig, dict | None, 
             print(f"warning: --resume continues the checkpoint's run and ignores {'; '.join(ignored)}",
                   file=sys.stderr)
     device = resolve_device(config.device, world)
+    config = config.resolved(device)
+    reason = precision_reason(config.precision, device)
+    if reason is not None:
+        raise UsageError(f"--precision {config.precision}: {reason}")
     reason = config.backend_reason(device)
     if reason is not None:
         raise UsageError(f"--backend {config.backend} is not available: {reason}")
@@ -280,6 +297,7 @@ class _Run:
     data: _Data
     task: Task
     noise: torch.Generator
+    evaluation: TrainingEval | None = None
     step: int = 0
     epoch: int = 0
     position: int = 0
@@ -342,8 +360,11 @@ class _Run:
                 "no checkpoint was written before it"
             raise NonFiniteLoss(f"{exc}; stopped, {kept}") from None
         self.step += 1
-        self.history.append(dict(step=self.step, epoch=self.epoch + 1, **metrics,
-                                 images_per_s=self.config.batch_size / (time.perf_counter() - started)))
+        row = dict(step=self.step, epoch=self.epoch + 1, **metrics,
+                   images_per_s=self.config.batch_size / (time.perf_counter() - started))
+        if self.evaluation is not None and self.evaluation.due(self.step):
+            row.update(self.evaluation(self.task))
+        self.history.append(row)
         self.position += 1
         if self.position == self.data.steps_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0

@@ -12,6 +12,8 @@ import genfast
 from ..plots import save_image_grid
 from .config import RunConfig
 from .distributed import World, all_true, wrap
+from .ema import EMA
+from .precision import autocast, compiled, grad_scaler, seeded_default_generators
 
 
 class NonFiniteLoss(RuntimeError):
@@ -19,18 +21,31 @@ class NonFiniteLoss(RuntimeError):
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, name: str, step: int, world: World,
-                   device: torch.device) -> None:
+                   device: torch.device, scaler: torch.amp.GradScaler | None = None) -> None:
     """zero_grad, backward, and the update only when ``loss`` and every gradient are finite on every process;
-    otherwise :class:`NonFiniteLoss` naming ``step`` (1-based) and the loss, with the parameters untouched."""
+    otherwise :class:`NonFiniteLoss` naming ``step`` (1-based) and the loss, with the parameters untouched.
+
+    With an fp16 ``scaler``: backward of s·loss, the gradients divided by s, and a non-finite gradient is the
+    scaler's business (the update is skipped and s halved: an overflow, not a divergence); a non-finite loss
+    still stops the run."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if scaler is None:
+        loss.backward()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grads = []
     finite = torch.isfinite(loss.detach())
     if grads:
         finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
     if not all_true(bool(finite), world, device):
         raise NonFiniteLoss(f"the {name} became {loss.item()} (or a gradient non-finite) at step {step}")
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
 
 
 class _LossOf(nn.Module):
@@ -50,7 +65,11 @@ def _kwargs(**values) -> dict:
 
 
 class Task:
-    """Base: ``modules`` and ``optimizers`` (saved in checkpoints by name), ``columns`` (the metrics of a step)."""
+    """Base: ``modules`` and ``optimizers`` (saved in checkpoints by name), ``columns`` (the metrics of a step).
+
+    A subclass builds its modules with :meth:`_place` (device, and channels_last with ``--channels-last``), then
+    calls :meth:`_finish` with the names of the modules whose weights are averaged (``--ema``) and that produce the
+    samples: it adds an fp16 loss scaler per optimiser and the EMA copies, all saved in checkpoints."""
 
     columns: tuple[str, ...] = ()
     plotted: tuple[str, ...] = ()
@@ -59,29 +78,91 @@ class Task:
         self.config, self.device, self.world = config, device, world
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.emas: dict[str, EMA] = {}
+
+    def _place(self, module: nn.Module) -> nn.Module:
+        memory_format = torch.channels_last if self.config.channels_last else torch.preserve_format
+        return module.to(self.device, memory_format=memory_format)
+
+    def _finish(self, averaged: tuple[str, ...]) -> None:
+        for name in self.optimizers:
+            scaler = grad_scaler(self.config.precision, self.device)
+            if scaler is not None:
+                self.scalers[name] = scaler
+        if self.config.ema:
+            self.emas = {name: EMA(self.modules[name], decay=self.config.ema, warmup=self.config.ema_warmup)
+                         for name in averaged}
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        return compiled(module, self.config.compile, fullgraph=not self.world.distributed)
+
+    def averaged(self, name: str) -> nn.Module:
+        """The module ``name`` that samples and evaluations use: its EMA copy with ``--ema``, else itself."""
+        return self.emas[name].module if name in self.emas else self.modules[name]
+
+    def autocast(self):
+        return autocast(self.config.precision, self.device)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Dataset images in [0, 1] to the model's range."""
+        """Dataset images in [0, 1] to the model's range (and layout)."""
+        if self.config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return images
 
     def state_dict(self) -> dict:
         return dict(modules={k: m.state_dict() for k, m in self.modules.items()},
-                    optimizers={k: o.state_dict() for k, o in self.optimizers.items()})
+                    optimizers={k: o.state_dict() for k, o in self.optimizers.items()},
+                    scalers={k: s.state_dict() for k, s in self.scalers.items()},
+                    ema={k: e.state_dict() for k, e in self.emas.items()})
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; an EMA missing from it (a checkpoint of a run without one) starts from the
+        loaded weights."""
         for name, module in self.modules.items():
             module.load_state_dict(state["modules"][name])
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
+        for name, scaler in self.scalers.items():
+            if name in state.get("scalers", {}):
+                scaler.load_state_dict(state["scalers"][name])
+        for name, ema in self.emas.items():
+            saved = state.get("ema", {}).get(name)
+            if saved is None:
+                ema.module.load_state_dict(self.modules[name].state_dict())
+            else:
+                ema.load_state_dict(saved)
 
     def train(self, mode: bool = True) -> None:
         for module in self.modules.values():
             module.train(mode)
 
-    def _step(self, optimizer, loss, name, step):
-        optimizer_step(optimizer, loss, name=name, step=step, world=self.world, device=self.device)
+    def _step(self, name: str, loss: torch.Tensor, what: str, step: int) -> None:
+        """The update of optimiser ``name`` from ``loss`` (fp16: through its scaler), then its EMA."""
+        optimizer_step(self.optimizers[name], loss, name=what, step=step, world=self.world, device=self.device,
+                       scaler=self.scalers.get(name))
+        if name in self.emas:
+            self.emas[name].update()
+
+    def _forward(self, module: nn.Module, batch: torch.Tensor, generator: torch.Generator):
+        """``module(batch, generator=generator)`` under autocast; a compiled module draws from torch's default
+        generators instead, seeded from ``generator`` for the call (:func:`seeded_default_generators`)."""
+        with self.autocast():
+            if self.config.compile is None:
+                return module(batch, generator=generator)
+            with seeded_default_generators(generator, self.device):
+                return module(batch, generator=None)
 
     def step(self, batch: torch.Tensor, *, generator: torch.Generator, step: int) -> dict[str, float | None]:
+        raise NotImplementedError
+
+    def sample(self, num: int, *, generator: torch.Generator) -> torch.Tensor:
+        """``num`` images (num, C, S, S) in [0, 1] from the (averaged) model, ``batch_size`` at a time, in fp32."""
+        images = [self._sample(min(self.config.batch_size, num - done), generator)
+                  for done in range(0, num, self.config.batch_size)]
+        return torch.cat(images)
+
+    def _sample(self, num: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
     def write_outputs(self, out: Path, preview: torch.Tensor) -> None:
@@ -101,21 +182,26 @@ class VAETask(Task):
         super().__init__(config, channels=channels, device=device, world=world)
         from ..models import ConvVAE
 
-        self.model = ConvVAE(**_kwargs(image_size=config.image_size, in_channels=channels,
-                                       latent_dim=config.latent_dim, base_channels=config.base_channels,
-                                       beta=config.beta)).to(device)
+        self.model = self._place(ConvVAE(**_kwargs(image_size=config.image_size, in_channels=channels,
+                                                   latent_dim=config.latent_dim, base_channels=config.base_channels,
+                                                   beta=config.beta)))
         self.modules = {"model": self.model}
         self.optimizers = {"model": torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)}
-        self.loss = wrap(_LossOf(self.model), world, device)
+        self.loss = self._compiled(wrap(_LossOf(self.model), world, device))
+        self._finish(("model",))
 
     def step(self, batch, *, generator, step):
-        losses = self.loss(batch, generator=generator)
-        self._step(self.optimizers["model"], losses["loss"], "loss", step)
+        losses = self._forward(self.loss, batch, generator)
+        self._step("model", losses["loss"], "loss", step)
         return {name: losses[name].item() for name in self.columns}
 
     @torch.no_grad()
+    def _sample(self, num, generator):
+        return self.averaged("model").eval().sample(num, generator=generator)
+
+    @torch.no_grad()
     def write_outputs(self, out, preview):
-        model = self.model.eval()
+        model = self.averaged("model").eval()
         inputs = preview[:8]
         save_image_grid(torch.cat([inputs, model.reconstruct(inputs)]), out / "reconstructions.png", nrow=8,
                         scale=2, row_labels=("input", "recon"))
@@ -126,7 +212,13 @@ class VAETask(Task):
 
 
 class WGANTask(Task):
-    """WGAN-GP: each step updates the critic on one batch; every ``n_critic``-th step also updates the generator."""
+    """WGAN-GP: each step updates the critic on one batch; every ``n_critic``-th step also updates the generator.
+
+    With ``--compile`` the generator and the critic's scoring passes are compiled; the gradient penalty runs the
+    critic eagerly, because it differentiates the critic twice (``autograd.grad(create_graph=True)``, then the
+    backward of the penalty) and torch.compile's AOTAutograd has no double backward. With fp16 the penalty's
+    inner gradient g = ∇ₓ critic(x̂) is computed unscaled (its norm is held near 1 by the penalty itself, far from
+    fp16's underflow); the backward of the critic loss, penalty included, goes through the loss scaler."""
 
     columns = ("critic_loss", "penalty", "wasserstein", "generator_loss")
     plotted = columns
@@ -135,42 +227,50 @@ class WGANTask(Task):
         super().__init__(config, channels=channels, device=device, world=world)
         from ..models import Critic, Generator
 
-        self.generator = Generator(**_kwargs(latent_dim=config.latent_dim, image_size=config.image_size,
-                                             out_channels=channels, base_channels=config.base_channels)).to(device)
-        self.critic = Critic(**_kwargs(image_size=config.image_size, in_channels=channels,
-                                       base_channels=config.base_channels)).to(device)
+        self.generator = self._place(Generator(**_kwargs(latent_dim=config.latent_dim, image_size=config.image_size,
+                                                         out_channels=channels,
+                                                         base_channels=config.base_channels)))
+        self.critic = self._place(Critic(**_kwargs(image_size=config.image_size, in_channels=channels,
+                                                   base_channels=config.base_channels)))
         self.modules = {"generator": self.generator, "critic": self.critic}
         self.optimizers = {name: torch.optim.Adam(module.parameters(), lr=config.learning_rate,
                                                   betas=(config.beta1, 0.9))
                            for name, module in self.modules.items()}
-        self.generate = wrap(self.generator, world, device)
-        self.score = wrap(self.critic, world, device)
+        self.generate = self._compiled(wrap(self.generator, world, device))
+        self.critic_eager = wrap(self.critic, world, device)
+        self.score = self._compiled(self.critic_eager)
+        self._finish(("generator",))
 
     def prepare(self, images):
-        return images * 2 - 1
+        return super().prepare(images * 2 - 1)
 
     def _latents(self, n, generator):
         return torch.randn(n, self.generator.latent_dim, device=self.device, generator=generator)
 
     def step(self, batch, *, generator, step):
-        fake = self.generate(self._latents(batch.shape[0], generator)).detach()
-        wasserstein = self.score(batch).mean() - self.score(fake).mean()
-        penalty = genfast.gradient_penalty(self.score, batch, fake, weight=self.config.gp_weight,
-                                           generator=generator)
-        critic_loss = penalty - wasserstein
-        self._step(self.optimizers["critic"], critic_loss, "critic loss", step)
+        with self.autocast():
+            fake = self.generate(self._latents(batch.shape[0], generator)).detach()
+            wasserstein = self.score(batch).mean() - self.score(fake).mean()
+            penalty = genfast.gradient_penalty(self.critic_eager, batch, fake, weight=self.config.gp_weight,
+                                               generator=generator)
+            critic_loss = penalty - wasserstein
+        self._step("critic", critic_loss, "critic loss", step)
         generator_loss = None
         if step % self.config.n_critic == 0:
-            loss = -self.score(self.generate(self._latents(batch.shape[0], generator))).mean()
-            self._step(self.optimizers["generator"], loss, "generator loss", step)
+            with self.autocast():
+                loss = -self.score(self.generate(self._latents(batch.shape[0], generator))).mean()
+            self._step("generator", loss, "generator loss", step)
             generator_loss = loss.item()
         return dict(critic_loss=critic_loss.item(), penalty=penalty.item(), wasserstein=wasserstein.item(),
                     generator_loss=generator_loss)
 
     @torch.no_grad()
+    def _sample(self, num, generator):
+        return (self.averaged("generator").eval()(self._latents(num, generator)) + 1) / 2
+
+    @torch.no_grad()
     def write_outputs(self, out, preview):
-        images = self.generator.eval()(self._latents(64, self._generator()))
-        save_image_grid((images + 1) / 2, out / "samples.png", nrow=8, scale=2)
+        save_image_grid(self._sample(64, self._generator()), out / "samples.png", nrow=8, scale=2)
 
 
 def build_ddpm(config: RunConfig, channels: int) -> nn.Module:
@@ -196,24 +296,28 @@ class DDPMTask(Task):
 
     def __init__(self, config, *, channels, device, world):
         super().__init__(config, channels=channels, device=device, world=world)
-        self.model = build_ddpm(config, channels).to(device)
+        self.model = self._place(build_ddpm(config, channels))
         self.modules = {"model": self.model}
         self.optimizers = {"model": torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)}
-        self.loss = wrap(_LossOf(self.model), world, device)
+        self.loss = self._compiled(wrap(_LossOf(self.model), world, device))
+        self._finish(("model",))
 
     def prepare(self, images):
-        return images * 2 - 1
+        return super().prepare(images * 2 - 1)
 
     def step(self, batch, *, generator, step):
-        loss = self.loss(batch, generator=generator)
-        self._step(self.optimizers["model"], loss, "loss", step)
+        loss = self._forward(self.loss, batch, generator)
+        self._step("model", loss, "loss", step)
         return {"loss": loss.item()}
 
     @torch.no_grad()
+    def _sample(self, num, generator):
+        return sample_ddpm(self.averaged("model"), num, sampler="ddim", steps=self.config.sample_steps,
+                           generator=generator)
+
+    @torch.no_grad()
     def write_outputs(self, out, preview):
-        images = sample_ddpm(self.model, 16, sampler="ddim", steps=self.config.sample_steps,
-                             generator=self._generator())
-        save_image_grid(images, out / "samples.png", nrow=4, scale=2)
+        save_image_grid(self._sample(16, self._generator()), out / "samples.png", nrow=4, scale=2)
 
 
 TASKS = {"vae": VAETask, "wgan": WGANTask, "ddpm": DDPMTask}
