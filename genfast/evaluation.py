@@ -137,7 +137,7 @@ class Evaluator:
         self.kid.subset_size = kid_subset_size(self.num_reference, samples.shape[0])
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            torch.manual_seed(self.seed)  # the KID subsets: the same for the same samples
+            torch.random.default_generator.manual_seed(self.seed)  # KID's subsets (CPU randperm): repeatable
             fid = float(self.fid.compute())
             kid, kid_std = (float(v) for v in self.kid.compute())
         precision, recall = precision_recall(self.real_features, features, k=self.k)

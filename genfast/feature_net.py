@@ -143,7 +143,7 @@ def load_feature_net(settings: FeatureNetSettings | None = None, *, cache: str |
     settings = settings or DEFAULT_SETTINGS
     path = Path(cache if cache is not None else cache_dir()) / f"feature-net-{settings.digest()}.pt"
     with torch.random.fork_rng(devices=[]):  # the initial weights come from the settings' seed, and building
-        torch.manual_seed(settings.seed)     # the network leaves the caller's random stream as it was
+        torch.random.default_generator.manual_seed(settings.seed)  # the network leaves the caller's stream alone
         net = FeatureNet(settings)
     if path.is_file():
         saved = load_checkpoint(path, keys=("settings", "state", "heldout"))
