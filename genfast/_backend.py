@@ -142,8 +142,9 @@ def resolve_backend(device: torch.device, dtype: torch.dtype, op: str) -> str:
 
 
 class _CppOps:
-    """The C++ kernels of one op, with the reference module's function names: ``f`` is ``torch.ops.genfast.cpp_f``
-    (the extension is loaded on first use; each op is looked up once, then kept as an attribute)."""
+    """The C++ kernels of one op, with the reference module's function names: ``f`` is the extension module's
+    ``cpp_f``, the direct call of the registered op ``genfast::cpp_f`` (the extension is loaded on first use; each
+    op is looked up once, then kept as an attribute)."""
 
     def __getattr__(self, name: str):
         kernel = getattr(cpp.ops(), f"cpp_{name}")
@@ -180,13 +181,19 @@ def run(op: str, name: str, *args):
     return _launch(getattr(implementation(args[-1], op), name), args[:-1])
 
 
+# _traced's checks, bound once: every eager call runs them all, and each ``torch._C.…`` lookup costs about as much as
+# the call it looks up
+_CHECKS = (torch._C._len_torch_dispatch_stack, torch._C._is_torch_function_mode_enabled,
+           torch._C._functorch.peek_interpreter_stack, torch._C._get_tracing_state, torch._C._has_torch_function)
+
+
 def _traced(args: tuple) -> bool:
     """Something traces or intercepts a call on ``args``: torch.compile / export / jit tracing, a dispatch mode
     (FakeTensorMode, FunctionalTensorMode, ...: the __torch_dispatch__ subclasses come with theirs), a function mode
     (e.g. ``with torch.device(...)``), a functorch transform, or a tensor with a __torch_function__ override."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._get_tracing_state() is not None or torch._C._has_torch_function(args))
+    dispatch_modes, function_mode, transforms, tracing, torch_function = _CHECKS
+    return (torch.compiler.is_compiling() or dispatch_modes() > 0 or function_mode()
+            or transforms() is not None or tracing() is not None or torch_function(args))
 
 
 class FusedOp:
@@ -194,13 +201,17 @@ class FusedOp:
     ``run(op, name, ...)``) and the way the public functions call it.
 
     In plain eager mode (not :func:`_traced`) a call runs the body itself: directly when no gradient is recorded,
-    else in a ``torch.autograd.Function`` made of the op's own ``setup_context`` and ``backward``. That is the same
+    else in a ``torch.autograd.Function`` made of the op's own ``setup_context`` and ``backward`` — or, on the
+    "cpp" backend of an op built with ``cpp_autograd=True``, the extension's ``cpp_<name>_autograd``, which records
+    the same backward as a C++ autograd node (``csrc/cpu/bindings.cpp``; a Python node costs ~20 µs a call). That is the same
     code the registered op runs, without the dispatcher's two Python kernels (~20 µs a call on a CPU). Otherwise —
     torch.compile, export, a mode, a tensor subclass, or a gradient through an op that has none (its registered
     form raises a clear error on backward) — it calls the registered op."""
 
-    def __init__(self, op, family: str, name: str, *, setup_context=None, backward=None):
+    def __init__(self, op, family: str, name: str, *, setup_context=None, backward=None, cpp_autograd: bool = False):
         self.op, self.family, self.name = op, family, name
+        # the C++ extension's ``cpp_<name>_autograd``: the same op and backward with its autograd node in C++
+        self._cpp_autograd = f"{name}_autograd" if cpp_autograd else None
         self._autograd = None
         if backward is not None:
             op.register_autograd(backward, setup_context=setup_context)
@@ -217,5 +228,7 @@ class FusedOp:
         if _traced(args):
             return self.op(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if self._cpp_autograd is not None and args[-1] == "cpp":
+                return run(self.family, self._cpp_autograd, *args)
             return self.op(*args) if self._autograd is None else self._autograd.apply(*args)
         return run(self.family, self.name, *args)

@@ -1,11 +1,12 @@
-"""The ``genfast`` command: ``train {vae,wgan,ddpm}``, ``compare-beta``, ``sample ddpm``, ``eval``, ``info`` and
-``bench``.
+"""The ``genfast`` command: ``train {vae,wgan,ddpm,ldm}``, ``compare-beta``, ``compare-families``, ``sample
+{ddpm,ldm}``, ``eval``, ``example latent-map``, ``info`` and ``bench``.
 
 Exit codes: 0 done, 1 training stopped on a NaN/inf loss, 2 bad flags, paths or files (one line on stderr, no
 traceback), 130 interrupted by SIGINT and 143 by SIGTERM (after saving a checkpoint)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import platform
 import sys
@@ -45,6 +46,7 @@ _non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a f
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _decay = _number(float, lambda v: 0 <= v < 1, "a decay in [0, 1) (0 = off)")
 _eval_num = _number(int, lambda v: v >= 4, "an integer >= 4")
+_positive_seconds = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0")
 
 
 def _compile_backend(text):
@@ -72,6 +74,8 @@ def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=_positive(int), default=20)
     train.add_argument("--max-steps", type=_positive(int), help="stop after this many steps in all")
+    train.add_argument("--max-seconds", type=_positive_seconds, metavar="S",
+                       help="stop after S seconds of training in this process (a resumed run gets S more)")
     train.add_argument("--batch-size", type=_positive(int), default=128, help="images a step over all processes")
     train.add_argument("--lr", type=_positive(float), help=f"Adam learning rate (default {DEFAULT_LR[model]:g})")
     train.add_argument("--seed", type=_seed, default=0)
@@ -119,6 +123,8 @@ def _add_device(group) -> None:
 
 def _add_vae(p) -> None:
     p.add_argument("--beta", type=_positive(float), default=1.0, help="loss = recon + beta*KL (default 1)")
+    p.add_argument("--latent-channels", type=_positive(int), metavar="C",
+                   help="a spatial latent C×S/4×S/4 (the first stage of latent diffusion) instead of --latent-dim")
 
 
 def _add_wgan(p) -> None:
@@ -136,6 +142,12 @@ def _add_ddpm(p) -> None:
     p.add_argument("--sample-steps", type=_positive(int), default=50, help="DDIM steps for samples.png (default 50)")
 
 
+def _add_ldm(p) -> None:
+    p.add_argument("--vae", required=True, metavar="CKPT",
+                   help="checkpoint.pt of a VAE trained with --latent-channels, frozen; its latents are diffused")
+    _add_ddpm(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="genfast", description="Train and sample VAE, WGAN-GP and DDPM models with genfast's "
                                                   "fused kernels; benchmark them.")
@@ -144,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model").add_subparsers(dest="model", required=True,
                                                                              parser_class=_Parser)
     for model, add, what in (("vae", _add_vae, "convolutional (beta-)VAE"), ("wgan", _add_wgan, "WGAN-GP"),
-                             ("ddpm", _add_ddpm, "DDPM diffusion model")):
+                             ("ddpm", _add_ddpm, "DDPM diffusion model"),
+                             ("ldm", _add_ldm, "latent diffusion model (a DDPM on a frozen VAE's latents)")):
         p = train.add_parser(model, help=f"train a {what}", description=f"Train a {what}.")
         add(p.add_argument_group(model))
         _add_common(p, model=model)
@@ -155,24 +168,40 @@ def build_parser() -> argparse.ArgumentParser:
                                               "smoothness and (faces) MIG change with beta.")
     compare.add_argument("--betas", type=_positive(float), nargs="+", default=[1.0, 4.0])
     compare.add_argument("--holdout", type=_positive(int), default=512, help="held-out images for the metrics")
+    compare.add_argument("--seeds", type=_positive(int), default=1,
+                         help="runs per beta, seeds --seed, --seed+1, ...: metrics as mean ± spread (default 1)")
     _add_common(compare, model="vae")
+    _add_module_command(commands, "compare-families", "compare_families",
+                        "train VAE, WGAN-GP, DDPM and LDM on the same data and compare them (report.md)")
 
     sample = commands.add_parser("sample", help="sample a trained model").add_subparsers(dest="model", required=True,
                                                                                         parser_class=_Parser)
-    p = sample.add_parser("ddpm", help="sample a trained DDPM", description="Sample a DDPM checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by genfast train ddpm")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_positive(int), help="DDIM steps (default 50; ddpm always runs all T)")
-    p.add_argument("--num", type=_positive(int), default=16)
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--out", required=True, help="folder for samples.png")
-    p.add_argument("--quiet", action="store_true")
-    _add_device(p)
+    for model, what in (("ddpm", "DDPM"), ("ldm", "latent diffusion model")):
+        p = sample.add_parser(model, help=f"sample a trained {what}", description=f"Sample a {what} checkpoint.")
+        p.add_argument("--checkpoint", required=True, help=f"checkpoint.pt written by genfast train {model}")
+        p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+        p.add_argument("--steps", type=_positive(int), help="DDIM steps (default 50; ddpm always runs all T)")
+        p.add_argument("--num", type=_positive(int), default=16)
+        p.add_argument("--seed", type=_seed, default=0)
+        p.add_argument("--out", required=True, help="folder for samples.png")
+        p.add_argument("--quiet", action="store_true")
+        _add_device(p)
 
     _add_eval(commands)
+    example = commands.add_parser("example", help="small worked examples").add_subparsers(
+        dest="model", required=True, parser_class=_Parser)
+    _add_module_command(example, "latent-map", "latent_map",
+                        "a VAE with a 2-D latent on the bundled 8×8 digits: latent map, decoded grid, 1 → 7")
     commands.add_parser("info", help="versions, device and which backends are available")
     commands.add_parser("bench", help="run the benchmarks (genfast bench --help)", add_help=False)
     return parser
+
+
+def _add_module_command(commands, name: str, module: str, what: str) -> None:
+    """Subcommand ``name`` whose flags and body are ``genfast.<module>``'s ``add_arguments`` and ``run``."""
+    p = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+    importlib.import_module(f"genfast.{module}").add_arguments(p)
+    p.set_defaults(run=f"genfast.{module}")
 
 
 def _add_eval(commands) -> None:
@@ -196,7 +225,7 @@ def _config(args, model: str, **overrides):
     from .training import RunConfig
 
     names = ("dataset", "data_dir", "num_samples", "image_size", "workers", "epochs", "max_steps", "batch_size",
-             "lr", "seed", "latent_dim", "base_channels", "out", "resume", "checkpoint_every", "backend", "device",
+             "lr", "seed", "latent_dim", "latent_channels", "vae", "max_seconds", "base_channels", "out", "resume", "checkpoint_every", "backend", "device",
              "quiet", "beta", "beta1", "gp_weight", "n_critic", "timesteps", "schedule", "channel_mult",
              "num_res_blocks", "sample_steps", "precision", "ema", "ema_warmup", "compile", "channels_last",
              "eval_every", "eval_num")
@@ -222,7 +251,7 @@ def _train(args) -> int:
 def _compare_beta(args) -> int:
     from .compare_beta import compare_beta
 
-    report = compare_beta(_config(args, "vae", holdout=args.holdout), args.betas)
+    report = compare_beta(_config(args, "vae", holdout=args.holdout), args.betas, seeds=args.seeds)
     if report is not None:
         _say(args, f"wrote {report}")
     return 0
@@ -245,8 +274,8 @@ def _sample(args) -> int:
     try:
         saved = load_checkpoint(args.checkpoint, keys=("config", "channels", "task"))
         config = RunConfig(**saved["config"])
-        if config.model != "ddpm":
-            raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not ddpm")
+        if config.model != args.model:
+            raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not {args.model}")
         model = build_ddpm(config, saved["channels"])
         ema = saved["task"].get("ema", {}).get("model")  # a run with --ema samples with the averaged weights
         model.load_state_dict(ema["module"] if ema else saved["task"]["modules"]["model"])
@@ -340,9 +369,10 @@ def _run(parser: argparse.ArgumentParser, argv: list[str], command) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
-    args.given = _given(parser, argv)
+    args.given, args.argv = _given(parser, argv), argv
     if command is None:
-        command = COMMANDS[args.command]
+        run = getattr(args, "run", None)
+        command = importlib.import_module(run).run if run else COMMANDS[args.command]
     prog = " ".join(filter(None, ("genfast", getattr(args, "command", "bench"), getattr(args, "model", None))))
     try:
         import genfast

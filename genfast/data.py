@@ -187,7 +187,8 @@ def load_dataset(name: str, *, data_dir=None, image_size: int = 64, num_samples:
     - ``folder``: every png/jpg/jpeg/bmp/webp under ``data_dir`` (recursive), center crop to a square, resize;
     - ``mnist``: ``train-images-idx3-ubyte`` (or ``.gz``) under ``data_dir`` (1 channel), resized to image_size
       (28 → 32 is a 2-pixel zero pad);
-    - ``digits``: scikit-learn's bundled 8×8 digits, upsampled bilinearly (1 channel; needs ``genfast[digits]``).
+    - ``digits``: scikit-learn's bundled 8×8 digits, upsampled bilinearly (1 channel; needs ``genfast[digits]``;
+      their classes: :func:`digit_labels`).
 
     For all but faces, ``num_samples`` (default: all) picks that many images at random (with ``seed``), kept in
     file order."""
@@ -319,14 +320,28 @@ def _mnist(root: Path) -> Tensor:
     return torch.from_numpy(array.copy())
 
 
-def _digits() -> Tensor:
-    """uint8 (1797, 1, 8, 8) from scikit-learn's bundled digits (values 0..16 scaled to 0..255)."""
+def _sklearn_digits():
+    """scikit-learn's bundled digits (a Bunch with ``images`` (1797, 8, 8) in 0..16 and ``target`` 0..9)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise ImportError("the 'digits' dataset needs scikit-learn: pip install genfast[digits]") from error
-    images = torch.from_numpy(load_digits().images).float() / 16.0
+    return load_digits()
+
+
+def _digits() -> Tensor:
+    """uint8 (1797, 1, 8, 8) from scikit-learn's bundled digits (values 0..16 scaled to 0..255)."""
+    images = torch.from_numpy(_sklearn_digits().images).float() / 16.0
     return _to_uint8(images[:, None])
+
+
+def digit_labels(*, num_samples: Optional[int] = None, seed: int = 0) -> Tensor:
+    """int64 (N,) class 0..9 of each image of ``load_dataset("digits", num_samples=num_samples, seed=seed)``, in
+    the same order (defaults: all 1797 images, seed 0)."""
+    if num_samples is not None:
+        _check_int(num_samples, "num_samples", minimum=1)
+    targets = torch.from_numpy(_sklearn_digits().target).long()
+    return targets[_subset(range(targets.shape[0]), num_samples, seed)]
 
 
 def _check_int(value, name: str, *, minimum: int) -> None:

@@ -73,8 +73,9 @@ def test_compare_beta_writes_the_report(tmp_path):
     for beta in ("1", "4"):
         assert (tmp_path / f"beta_{beta}" / "samples.png").is_file()
         assert f"| {beta} | " in report
-    assert "β=4 has " in report and "the held-out reconstruction loss of β=1" in report
-    assert "MIG" in report  # faces know their factors
+    assert "β=4's excess over the data's floor is " in report and "| floor |" in report and "Σ_i H(x_i)" in report
+    assert "one seed" in report and " ± " not in report  # --seeds defaults to 1: single values, no spread
+    assert "MIG" in report and "## Which latent carries each factor" in report  # faces know their factors
     for name in ("reconstructions_by_beta.png", "interpolation_by_beta.png", "samples_by_beta.png"):
         _png(tmp_path / name)
 
@@ -130,6 +131,10 @@ def test_info_says_which_ops_a_backend_runs_and_why(capsys, monkeypatch):
     (["train", "vae", "--out", "{tmp}/empty", "--resume"], "--resume: no checkpoint at"),
     (["sample", "ddpm", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "no checkpoint at"),
     (["compare-beta", "--betas", "1", "--out", "x"], "--betas needs at least two different values"),
+    (["compare-beta", "--out", "x", "--seeds", "0"], "argument --seeds: expected a positive int"),
+    (["train", "ldm", "--out", "x"], "the following arguments are required: --vae"),
+    (["train", "vae", "--out", "x", "--latent-channels", "0"], "argument --latent-channels: expected a positive int"),
+    (["sample", "ldm", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "no checkpoint at"),
     (["train", "vae", "--out", "x", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
     (["train", "ddpm", "--out", "x", "--ema", "1"], "argument --ema: expected a decay in [0, 1)"),
     (["train", "vae", "--out", "x", "--compile", "nosuch"], "argument --compile: expected a torch.compile backend"),
@@ -150,5 +155,5 @@ def test_console_script_runs():
     script = Path(sys.executable).parent / "genfast"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for command in ("train", "compare-beta", "sample", "eval", "info", "bench"):
+    for command in ("train", "compare-beta", "compare-families", "sample", "eval", "example", "info", "bench"):
         assert command in result.stdout

@@ -49,7 +49,7 @@ def test_just_in_time_build_when_the_extension_is_not_built():
                          "    y = genfast.group_norm_silu(x, 4)\n"
                          "with genfast.use_backend('reference'):\n"
                          "    torch.testing.assert_close(y, genfast.group_norm_silu(x, 4))\n"
-                         "print(genfast.cpp._load())\n")
+                         "print(genfast.cpp._load().__file__)\n")
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr
     assert re.search(rf"{genfast.cpp.JIT_NAME}(_v\d+)?\.so$", proc.stdout.strip()), proc.stdout

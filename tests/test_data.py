@@ -258,3 +258,20 @@ def test_bad_arguments():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_faces(0)[0].shape == (0, 3, 64, 64)
+
+
+def test_digit_labels_are_aligned_with_the_images():
+    pytest.importorskip("sklearn")
+    from genfast.data import digit_labels
+
+    labels = digit_labels()
+    assert labels.shape == (1797,) and labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
+    full = load_dataset("digits", image_size=8)
+    subset = load_dataset("digits", image_size=8, num_samples=10, seed=1)
+    sub_labels = digit_labels(num_samples=10, seed=1)
+    # each image of the subset is found in the full set under the same label
+    for image, label in zip(subset.images, sub_labels):
+        matches = (full.images == image).flatten(1).all(1).nonzero().flatten()
+        assert matches.numel() >= 1 and (labels[matches] == label).all()
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        digit_labels(num_samples=0)

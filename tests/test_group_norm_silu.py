@@ -160,6 +160,16 @@ def test_empty_spatial_extent(backend):
         assert g.shape == inputs[name].shape and not g.any(), name
 
 
+def test_double_backward_raises_instead_of_a_silent_zero(backend):
+    """The gradient is not differentiable: differentiating it (create_graph=True) raises on every backend, the C++
+    autograd node of the cpp backend included, rather than leaving x without its second-order gradient."""
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    weight = torch.randn(8, requires_grad=True)
+    (grad,) = torch.autograd.grad(genfast.group_norm_silu(x, 2, weight).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="group_norm_silu"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("activation", ["silu", None])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("scale, shift", [(False, False), (True, False), (False, True), (True, True)])

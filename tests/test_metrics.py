@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from genfast.metrics import active_units, interpolation_smoothness, mutual_information_gap
+from genfast.metrics import (active_units, bernoulli_entropy_floor, factor_latent_mi, interpolation_smoothness,
+                             mutual_information_gap)
 
 
 def test_active_units_counts_dims_whose_mean_varies():
@@ -92,3 +93,37 @@ def test_mig_formula_matches_a_hand_computation():
     i_flip = h - (-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)))  # H(v) − H(v | z_1)
     expected = (h - i_flip) / h
     assert mutual_information_gap(latents, v[:, None].float()) == pytest.approx(expected, abs=1e-9)
+
+
+def test_factor_latent_mi_locates_each_factor_and_matches_mig():
+    """z_1 copies factor 0, z_0 = v_1 // 2 carries half of factor 1 (uniform on 4 values), z_2 is noise."""
+    n = 4000
+    v0, v1 = torch.randint(0, 5, (n,)).float(), torch.arange(n) % 4
+    factors, latents = torch.stack([v0, v1.float()], 1), torch.stack([(v1 // 2).float(), v0, torch.randn(n)], 1)
+    m = factor_latent_mi(latents, factors)
+    assert m.shape == (2, 3) and bool(((m >= 0) & (m <= 1)).all())
+    assert m.argmax(dim=1).tolist() == [1, 0]
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-9) and m[1, 0] == pytest.approx(0.5, abs=1e-9)
+    assert m[:, 2].max() < 0.02
+    top = m.topk(2, dim=1).values
+    assert mutual_information_gap(latents, factors) == pytest.approx(float((top[:, 0] - top[:, 1]).mean()))
+    with pytest.raises(ValueError, match="constant"):
+        factor_latent_mi(latents, torch.ones(n, 1))
+
+
+def test_bernoulli_entropy_floor_is_the_least_bce():
+    x = torch.tensor([[0.0, 1.0, 0.5, 0.25]])
+    h = math.log(2) - (0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0 for the binary pixels
+    assert bernoulli_entropy_floor(x).tolist() == pytest.approx([h])
+    images = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    floor = bernoulli_entropy_floor(images)
+
+    def bce(logits):
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, images, reduction="none").flatten(1).sum(1)
+
+    assert bce(torch.logit(images)).tolist() == pytest.approx(floor.tolist(), rel=1e-9)  # the exact logits reach it
+    assert bool((bce(torch.randn_like(images)) > floor).all())  # any others exceed it
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bernoulli_entropy_floor(torch.full((1, 3), 1.5))
+    with pytest.raises(TypeError, match="floating-point"):
+        bernoulli_entropy_floor(torch.zeros(2, 3, dtype=torch.long))

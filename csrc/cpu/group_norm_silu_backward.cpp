@@ -222,11 +222,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const at::Tensor mean = mean_in.to(at::kFloat).contiguous(), rstd = rstd_in.to(at::kFloat).contiguous();
   at::Tensor dx = at::empty_like(x);
-  // Separate tensors: the returned gradients must not share storage.
-  auto table_bc = [&] { return at::empty({p.B, p.C}, x.options().dtype(at::kFloat)); };
-  at::Tensor gq = table_bc(), gp = table_bc(), dscale = table_bc(), dshift = table_bc(), dadd = table_bc();
-  const ChannelGrads out{gq.data_ptr<float>(), gp.data_ptr<float>(), dscale.data_ptr<float>(),
-                         dshift.data_ptr<float>(), dadd.data_ptr<float>()};
+  // A tensor for the gradient of each input given (separate: the returned gradients must not share storage); the
+  // tables of absent inputs and the per-(b, c) terms of dweight and dbias are scratch (a tensor costs ~0.4 µs of
+  // host time, the whole backward of a tiny input ~10 µs). Each task writes only its own (b, c): no race.
+  const int64_t BC = p.B * p.C;
+  std::vector<float> gq(BC), gp(BC), absent(add && scale && shift ? 0 : BC);
+  auto table = [&](const c10::optional<at::Tensor>& t, at::IntArrayRef shape) {
+    return t.has_value() ? at::empty(shape, x.options().dtype(at::kFloat)) : at::Tensor();
+  };
+  auto target = [&](at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : absent.data(); };
+  at::Tensor dscale = table(scale, {p.B, p.C}), dshift = table(shift, {p.B, p.C}), dadd = table(add, {p.B, p.C});
+  const ChannelGrads out{gq.data(), gp.data(), target(dscale), target(dshift), target(dadd)};
   dispatch(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     auto run = p.nhwc ? backward_nhwc<scalar_t> : backward_nchw<scalar_t>;
@@ -234,15 +240,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         rstd.const_data_ptr<float>(), dx.data_ptr<scalar_t>(), out, silu);
   });
   // dweight, dbias: Σ_b in a fixed order (double accumulators).
-  at::Tensor dw = at::empty({p.C}, x.options().dtype(at::kFloat)), db = at::empty_like(dw);
-  for (int64_t c = 0; c < p.C; ++c) {
+  at::Tensor dw = table(weight, {p.C}), db = table(bias, {p.C});
+  float* dwp = dw.defined() ? dw.data_ptr<float>() : nullptr;
+  float* dbp = db.defined() ? db.data_ptr<float>() : nullptr;
+  for (int64_t c = 0; c < p.C && (dwp || dbp); ++c) {
     double sw = 0.0, sb = 0.0;
     for (int64_t b = 0; b < p.B; ++b) {
-      sw += out.gq[b * p.C + c];
-      sb += out.gp[b * p.C + c];
+      sw += gq[b * p.C + c];
+      sb += gp[b * p.C + c];
     }
-    dw.data_ptr<float>()[c] = static_cast<float>(sw);
-    db.data_ptr<float>()[c] = static_cast<float>(sb);
+    if (dwp) dwp[c] = static_cast<float>(sw);
+    if (dbp) dbp[c] = static_cast<float>(sb);
   }
   if (!x.is_same(x_in)) dx = at::empty_like(x_in).copy_(dx);
   return {dx, input_grad(dw, weight, x), input_grad(db, bias, x), input_grad(dadd, add, x),

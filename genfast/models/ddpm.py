@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..ops.diffusion import ddim_step, ddpm_step, diffusion_loss
 from ..schedule import NoiseSchedule
-from ._common import check_positive_int
+from ._common import check_images, check_positive_int
 from .unet import UNet
 
 SAMPLERS = ("ddpm", "ddim")
@@ -42,8 +42,10 @@ class DDPM(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0,
                generator: Optional[torch.Generator] = None, progress: bool = False,
-               cuda_graph: bool = False) -> Tensor:
-        """``n`` images (n, C, S, S) in [-1, 1] (clamped) from x_T ~ N(0, I) drawn with ``generator``.
+               cuda_graph: bool = False, noise: Optional[Tensor] = None, clip: bool = True) -> Tensor:
+        """``n`` images (n, C, S, S) from x_T ~ N(0, I) drawn with ``generator``, or from ``noise`` (n, C, S, S) when
+        given (with the deterministic DDIM, eta = 0, the same x_T gives the same image); clamped to [-1, 1] unless
+        ``clip=False`` (a latent diffusion model's latents are not images).
 
         ``sampler="ddpm"``: ancestral sampling through all T timesteps (``steps`` must be None or T).
         ``sampler="ddim"``: ``steps`` (default 50, at most T) timesteps evenly spaced over [0, T−1] (rounded), from
@@ -56,8 +58,9 @@ class DDPM(nn.Module):
         eager step would), so the images are those of the plain loop. The capture costs about one step per call.
         On other devices the same static-buffer step runs uncaptured."""
         check_positive_int(n, "n")
-        if not isinstance(cuda_graph, bool):
-            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        for flag, name in ((cuda_graph, "cuda_graph"), (clip, "clip")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         timesteps = self._timesteps(sampler, steps)
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or eta < 0:
             raise ValueError(f"eta must be a real number >= 0, got {eta!r}")
@@ -65,7 +68,13 @@ class DDPM(nn.Module):
 
         parameter = next(self.unet.parameters())
         shape = (n, self.unet.in_channels, self.unet.image_size, self.unet.image_size)
-        x = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        if noise is None:
+            x = torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+        else:
+            check_images(noise, "noise", channels=shape[1], image_size=shape[2])
+            if noise.shape[0] != n:
+                raise ValueError(f"noise must hold n = {n} starting points, got {noise.shape[0]}")
+            x = noise.to(parameter.device, parameter.dtype, copy=True)
         bar = tqdm(total=len(timesteps), desc=f"{sampler} sampling", unit="step", disable=not progress)
         prev = timesteps[1:] + [-1]
         if cuda_graph:
@@ -75,7 +84,7 @@ class DDPM(nn.Module):
                 x = self._step(x, t, t_prev, sampler, eta, generator)
                 bar.update()
         bar.close()
-        return x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0) if clip else x
 
     def _timesteps(self, sampler: str, steps: Optional[int]) -> list[int]:
         """The timesteps ``sampler`` visits, from the last down to 0."""

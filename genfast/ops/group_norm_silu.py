@@ -66,11 +66,11 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
     grads = _group_norm_silu_grad(grad_y, x, weight, bias, add, scale, shift, mean, rstd, ctx.num_groups, ctx.silu,
                                   ctx.backend)
     inputs = (x, weight, bias, add, scale, shift)
-    return tuple(g if t is not None else None for g, t in zip(grads, inputs)) + (None,) * 4
+    return (*[g if t is not None else None for g, t in zip(grads, inputs)], None, None, None, None)
 
 
 _group_norm_silu = FusedOp(_group_norm_silu_op, OP, "group_norm_silu", setup_context=_setup_context,
-                           backward=_backward)
+                           backward=_backward, cpp_autograd=True)
 _group_norm_silu_grad = FusedOp(_group_norm_silu_backward_op, OP, "group_norm_silu_backward")
 
 

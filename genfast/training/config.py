@@ -10,14 +10,15 @@ class UsageError(ValueError):
     """A bad setting or path given by the user (the CLI prints it on one line and exits with code 2)."""
 
 
-MODELS = ("vae", "wgan", "ddpm")
-MODEL_OPS = {"vae": ("reparameterize",), "wgan": ("gradient_penalty",), "ddpm": ("diffusion", "group_norm_silu")}
+MODELS = ("vae", "wgan", "ddpm", "ldm")
+MODEL_OPS = {"vae": ("reparameterize",), "wgan": ("gradient_penalty",), "ddpm": ("diffusion", "group_norm_silu"),
+             "ldm": ("reparameterize", "diffusion", "group_norm_silu")}
 MAX_SEED = 2**32 - 1  # NumPy's global seed is a 32-bit word
-DEFAULT_LR = {"vae": 1e-3, "wgan": 1e-4, "ddpm": 2e-4}
-DEFAULT_EMA = {"vae": 0.0, "wgan": 0.0, "ddpm": 0.9999}
+DEFAULT_LR = {"vae": 1e-3, "wgan": 1e-4, "ddpm": 2e-4, "ldm": 2e-4}
+DEFAULT_EMA = {"vae": 0.0, "wgan": 0.0, "ddpm": 0.9999, "ldm": 0.9999}
 
 # Fields a --resume run takes from the command line; every other field comes from the checkpoint.
-RUN_FIELDS = ("out", "epochs", "max_steps", "checkpoint_every", "backend", "device", "quiet", "resume", "workers",
+RUN_FIELDS = ("out", "epochs", "max_steps", "max_seconds", "checkpoint_every", "backend", "device", "quiet", "resume", "workers",
               "given")
 # What a checkpoint written before a setting existed ran with.
 LEGACY = {"precision": "fp32", "ema": 0.0}
@@ -26,7 +27,11 @@ LEGACY = {"precision": "fp32", "ema": 0.0}
 @dataclass(kw_only=True)
 class RunConfig:
     """One training run. ``None`` for ``lr`` / ``base_channels`` means the model's default (lr: vae 1e-3, wgan 1e-4,
-    ddpm 2e-4; base channels: ConvVAE 32, Generator/Critic 64, UNet 64)."""
+    ddpm and ldm 2e-4; base channels: ConvVAE 32, Generator/Critic 64, UNet 64).
+
+    ``ldm`` trains the DDPM U-Net on the latents of the frozen spatial-latent VAE whose checkpoint ``vae`` names;
+    ``vae_model`` is that VAE's run (its config and image channels), filled in by :meth:`resolved` and saved, so
+    that the checkpoint describes the whole model without the VAE's file."""
 
     model: str
     out: str
@@ -39,6 +44,9 @@ class RunConfig:
     workers: int = 0
     # model
     latent_dim: int = 128
+    latent_channels: int | None = None  # vae: a spatial latent (latent_channels, S/4, S/4) instead of latent_dim
+    vae: str | None = None  # ldm: checkpoint.pt of the spatial-latent VAE whose latents it diffuses
+    vae_model: dict | None = None  # ldm: {"config": the VAE run's config, "channels": its image channels}
     base_channels: int | None = None
     beta: float = 1.0  # vae: loss = recon + beta·kl
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)  # ddpm U-Net
@@ -56,6 +64,7 @@ class RunConfig:
     # run length and bookkeeping
     epochs: int = 20
     max_steps: int | None = None
+    max_seconds: float | None = None  # stop once this much training time has passed in this process
     checkpoint_every: int = 500
     # how a step runs (saved: a resumed run keeps the checkpoint's)
     precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: bf16 on a GPU with native bf16, else fp32
@@ -94,8 +103,13 @@ class RunConfig:
         """This config with the device-dependent defaults filled in (precision, ema): what a checkpoint saves."""
         from .precision import default_precision
 
-        return dataclasses.replace(self, precision=self.precision or default_precision(device),
-                                   ema=DEFAULT_EMA[self.model] if self.ema is None else float(self.ema))
+        config = dataclasses.replace(self, precision=self.precision or default_precision(device),
+                                     ema=DEFAULT_EMA[self.model] if self.ema is None else float(self.ema))
+        if self.model == "ldm" and self.vae_model is None:
+            from .tasks import first_stage
+
+            config = first_stage(config)
+        return config
 
     def backend_reason(self, device) -> str | None:
         """Why ``backend`` cannot run this model's genfast ops on ``device`` (the first that it cannot), or None."""
@@ -115,7 +129,11 @@ class RunConfig:
             raise UsageError(f"--seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not (math.isfinite(self.gp_weight) and self.gp_weight >= 0):
             raise UsageError(f"--gp-weight must be a finite number >= 0, got {self.gp_weight}")
-        if self.model == "ddpm" and self.sample_steps > self.timesteps:
+        if self.max_seconds is not None and not (math.isfinite(self.max_seconds) and self.max_seconds > 0):
+            raise UsageError(f"--max-seconds must be a finite number > 0, got {self.max_seconds}")
+        if self.model == "ldm" and self.vae is None and self.vae_model is None:
+            raise UsageError("--vae is required: the checkpoint.pt of a VAE trained with --latent-channels")
+        if self.model in ("ddpm", "ldm") and self.sample_steps > self.timesteps:
             raise UsageError(f"--sample-steps {self.sample_steps} must be <= --timesteps {self.timesteps}")
         self._check_step_settings()
 

@@ -179,6 +179,8 @@ def _train(config: RunConfig, world: World) -> RunResult:
     run = _Run(config, world, device, data, task, noise, evaluation)
     if saved is not None:
         run.restore(saved)
+    else:
+        task.start(data.dataset, data.train_indices)
     total = config.epochs * data.steps_per_epoch
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -329,9 +331,11 @@ class _Run:
             write_metrics(self.history, self.task.columns, self.config.out_dir / METRICS)
 
     def train_until(self, total: int) -> None:
-        """Steps until ``total``, with a checkpoint every ``checkpoint_every`` steps; on SIGINT (in any process)
-        every process stops after the step, saves and raises :class:`Interrupted`."""
+        """Steps until ``total`` (or until ``max_seconds`` have passed, on every process alike), with a checkpoint
+        every ``checkpoint_every`` steps; on SIGINT (in any process) every process stops after the step, saves and
+        raises :class:`Interrupted`."""
         config, world = self.config, self.world
+        deadline = None if config.max_seconds is None else time.monotonic() + config.max_seconds
         with genfast.use_backend(config.backend), _StopOnSignal(config.quiet or not world.is_main) as stop, \
                 _progress(total, min(self.step, total), config, world) as bar:
             while self.step < total:
@@ -346,6 +350,8 @@ class _Run:
                                           stop.signum or signal.SIGTERM)
                     if self.step % config.checkpoint_every == 0 and self.step < total:
                         self.save()
+                    if deadline is not None and not all_true(time.monotonic() < deadline, world, self.device):
+                        total = self.step
                     if self.step >= total:
                         break
 

@@ -153,6 +153,10 @@ class Task:
             with seeded_default_generators(generator, self.device):
                 return module(batch, generator=None)
 
+    def start(self, dataset, indices: list[int]) -> None:
+        """Before the first step of a new run (not a resumed one): what the task derives from the training images
+        ``dataset[i]``, i in ``indices``, and keeps in its state. Nothing by default."""
+
     def step(self, batch: torch.Tensor, *, generator: torch.Generator, step: int) -> dict[str, float | None]:
         raise NotImplementedError
 
@@ -180,11 +184,7 @@ class VAETask(Task):
 
     def __init__(self, config, *, channels, device, world):
         super().__init__(config, channels=channels, device=device, world=world)
-        from ..models import ConvVAE
-
-        self.model = self._place(ConvVAE(**_kwargs(image_size=config.image_size, in_channels=channels,
-                                                   latent_dim=config.latent_dim, base_channels=config.base_channels,
-                                                   beta=config.beta)))
+        self.model = self._place(build_vae(config, channels))
         self.modules = {"model": self.model}
         self.optimizers = {"model": torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)}
         self.loss = self._compiled(wrap(_LossOf(self.model), world, device))
@@ -273,21 +273,40 @@ class WGANTask(Task):
         save_image_grid(self._sample(64, self._generator()), out / "samples.png", nrow=8, scale=2)
 
 
-def build_ddpm(config: RunConfig, channels: int) -> nn.Module:
-    """The DDPM of a run's settings (also how ``genfast sample ddpm`` rebuilds one from a checkpoint)."""
-    from ..models import DDPM, UNet
+def build_vae(config: RunConfig, channels: int) -> nn.Module:
+    """The ConvVAE of a vae run's settings (also the first stage of an ldm run)."""
+    from ..models import ConvVAE
 
-    unet = UNet(**_kwargs(image_size=config.image_size, in_channels=channels, base_channels=config.base_channels,
+    return ConvVAE(**_kwargs(image_size=config.image_size, in_channels=channels, latent_dim=config.latent_dim,
+                             base_channels=config.base_channels, beta=config.beta,
+                             latent_channels=config.latent_channels))
+
+
+def build_ddpm(config: RunConfig, channels: int) -> nn.Module:
+    """The model of a ddpm run's settings, a DDPM on images; of an ldm run's, a LatentDiffusion: the DDPM on the
+    latents of the VAE of ``config.vae_model`` (also how ``genfast sample`` rebuilds them from a checkpoint)."""
+    from ..models import DDPM, LatentDiffusion, UNet
+
+    vae = None
+    if config.model == "ldm":
+        vae = build_vae(RunConfig(**config.vae_model["config"]), config.vae_model["channels"])
+        if vae.in_channels != channels:
+            raise ValueError(f"the VAE of --vae takes {vae.in_channels}-channel images, the data set has {channels}")
+    in_channels, image_size = (channels, config.image_size) if vae is None else vae.latent_shape[:2]
+    unet = UNet(**_kwargs(image_size=image_size, in_channels=in_channels, base_channels=config.base_channels,
                           channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks))
     factory = {"linear": genfast.NoiseSchedule.linear, "cosine": genfast.NoiseSchedule.cosine}[config.schedule]
-    return DDPM(unet=unet, schedule=factory(config.timesteps))
+    ddpm = DDPM(unet=unet, schedule=factory(config.timesteps))
+    return ddpm if vae is None else LatentDiffusion(vae=vae, ddpm=ddpm)
 
 
 def sample_ddpm(model: nn.Module, num: int, *, sampler: str, steps: int | None, generator: torch.Generator,
                 progress: bool = False) -> torch.Tensor:
-    """``num`` images in [0, 1] from a DDPM."""
+    """``num`` images in [0, 1] from a DDPM (whose images are in [-1, 1]) or a LatentDiffusion."""
+    from ..models import DDPM
+
     images = model.eval().sample(num, sampler=sampler, steps=steps, generator=generator, progress=progress)
-    return ((images + 1) / 2).clamp(0, 1)
+    return ((images + 1) / 2).clamp(0, 1) if isinstance(model, DDPM) else images
 
 
 class DDPMTask(Task):
@@ -320,7 +339,84 @@ class DDPMTask(Task):
         save_image_grid(self._sample(16, self._generator()), out / "samples.png", nrow=4, scale=2)
 
 
-TASKS = {"vae": VAETask, "wgan": WGANTask, "ddpm": DDPMTask}
+class LDMTask(DDPMTask):
+    """Latent diffusion: the DDPM task on the frozen VAE's scaled latents. A new run loads the VAE's weights (its
+    EMA copy when it has one) from ``--vae`` and measures the latent scale on up to SCALE_IMAGES training images;
+    both are then part of the model's state, saved in every checkpoint. Only the U-Net is optimised."""
+
+    SCALE_IMAGES = 1024
+
+    def __init__(self, config, *, channels, device, world):
+        Task.__init__(self, config, channels=channels, device=device, world=world)
+        self.model = self._place(build_ddpm(config, channels))
+        self.modules = {"model": self.model}
+        self.optimizers = {"model": torch.optim.Adam(self.model.ddpm.parameters(), lr=config.learning_rate)}
+        self.loss = self._compiled(wrap(_LossOf(self.model), world, device))
+        self._finish(("model",))
+
+    def prepare(self, images):
+        return Task.prepare(self, images)  # the VAE takes images in [0, 1]
+
+    def start(self, dataset, indices):
+        self.model.vae.load_state_dict(_vae_weights(self.config.vae))
+        images = torch.stack([dataset[i] for i in indices[:self.SCALE_IMAGES]]).to(self.device)
+        self.model.measure_scale(self.prepare(images), generator=self._generator())
+        for ema in self.emas.values():
+            ema.module.load_state_dict(self.model.state_dict())
+
+    @torch.no_grad()
+    def write_outputs(self, out, preview):
+        model = self.averaged("model").eval()
+        super().write_outputs(out, preview)
+        inputs = preview[:8]
+        decoded = model.decode(model.encode(inputs, generator=self._generator()))
+        save_image_grid(torch.cat([inputs, decoded]), out / "autoencoded.png", nrow=8, scale=2,
+                        row_labels=("input", "decoded"))
+
+
+def _vae_checkpoint(path) -> dict:
+    """The parts of a VAE run's checkpoint an ldm run needs; ValueError naming ``--vae`` when it is none."""
+    from ..checkpoint import load_checkpoint
+
+    try:
+        saved = load_checkpoint(path, keys=("config", "channels", "task"))
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise ValueError(f"--vae {path}: {str(exc).strip().splitlines()[0]}") from None
+    config = saved["config"]
+    if config.get("model") != "vae" or not config.get("latent_channels"):
+        kind = "a flat-latent vae" if config.get("model") == "vae" else f"a {config.get('model')}"
+        raise ValueError(f"--vae {path} is {kind} checkpoint; latent diffusion needs a VAE trained with "
+                         "--latent-channels (a spatial latent)")
+    return saved
+
+
+def _vae_weights(path) -> dict:
+    """The VAE's weights in the checkpoint ``path``: its EMA copy when the run kept one."""
+    state = _vae_checkpoint(path)["task"]
+    ema = state.get("ema", {}).get("model")
+    return ema["module"] if ema else state["modules"]["model"]
+
+
+def first_stage(config: RunConfig) -> RunConfig:
+    """An ldm run's config with ``vae_model`` read from its ``--vae`` checkpoint and the image size the VAE's (a
+    different ``--image-size`` given explicitly is a :class:`UsageError`)."""
+    import dataclasses
+
+    from .config import UsageError
+
+    try:
+        saved = _vae_checkpoint(config.vae)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    size = saved["config"]["image_size"]
+    if "image_size" in config.given and config.image_size != size:
+        raise UsageError(f"--image-size {config.image_size}: the VAE of --vae {config.vae} is for {size}×{size} "
+                         "images")
+    return dataclasses.replace(config, image_size=size,
+                               vae_model=dict(config=saved["config"], channels=saved["channels"]))
+
+
+TASKS = {"vae": VAETask, "wgan": WGANTask, "ddpm": DDPMTask, "ldm": LDMTask}
 
 
 def grid_columns(num: int) -> int:
