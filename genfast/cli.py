@@ -143,8 +143,9 @@ def _add_ddpm(p) -> None:
 
 
 def _add_ldm(p) -> None:
-    p.add_argument("--vae", required=True, metavar="CKPT",
-                   help="checkpoint.pt of a VAE trained with --latent-channels, frozen; its latents are diffused")
+    p.add_argument("--vae", metavar="CKPT",
+                   help="checkpoint.pt of a VAE trained with --latent-channels, frozen; its latents are diffused "
+                        "(required for a new run; --resume takes the VAE from the run's checkpoint)")
     _add_ddpm(p)
 
 

@@ -89,7 +89,8 @@ def latents_of(model: str, task, *, sample_steps: int) -> list[Latent]:
         return [Latent("ldm", shape, _normal(shape, device), lambda x: m.decode(inner(x)),
                        f"DDIM x_T in latent space ({dims}), {sample_steps} steps, eta 0", inner=inner),
                 Latent("ldm (VAE z)", shape, sampled_latents, m.decode,
-                       f"the first-stage VAE's scaled latent s·z ({dims}), from the LDM's own samples, decoded")]
+                       f"the first-stage VAE's scaled latent s·z ({dims}), from the LDM's own samples, decoded "
+                       "(not N(0, I): a is in units of the unit-variance scaled latent, not of a prior s.d.)")]
     raise ValueError(f"model must be one of vae, wgan, ddpm, ldm, got {model!r}")
 
 

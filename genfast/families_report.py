@@ -271,7 +271,9 @@ def write_outputs(results: dict, meta: dict, out: Path, *, total_seconds: float)
             "**cleanliness** = |slope of f| / Σ over the 5 factors of |slope| (1 = only f moves, 0.2 = all "
             "equally), **control** = mean over the factors of max(response, 0) × cleanliness. "
             f"Random directions ({CONTROL_RANDOM}): the largest slope and its share. "
-            "The DDPM and LDM latents are the DDIM starting noise x_T (eta 0: deterministic).",
+            "The DDPM and LDM latents are the DDIM starting noise x_T (eta 0: deterministic); the \"ldm (VAE z)\" "
+            "row starts from the LDM's own samples of the scaled first-stage latent, not from N(0, I), so its a "
+            "is in units of that unit-variance latent and its row is not comparable with the others.",
             "",
             *control_table(results),
             "",

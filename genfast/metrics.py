@@ -48,7 +48,8 @@ def mutual_information_gap(latents: Tensor, factors: Tensor, *, num_bins: int = 
     """MIG (Chen et al. 2018): (1/K)·Σ_k (M[k, a_k] − M[k, b_k]), with M = :func:`factor_latent_mi` and a_k, b_k the
     two latents of highest mutual information with factor v_k, in [0, 1] (1: each factor is captured by one latent
     alone). ``latents`` (N, D ≥ 2) and ``factors`` (N, K); ``num_bins`` as in :func:`factor_latent_mi`."""
-    if isinstance(latents, Tensor) and latents.dim() == 2 and latents.shape[1] < 2:
+    latents = _matrix(latents, "latents")
+    if latents.shape[1] < 2:
         raise ValueError(f"latents must have at least 2 dims (MIG compares the top two), got {latents.shape[1]}")
     top = factor_latent_mi(latents, factors, num_bins=num_bins).topk(2, dim=1).values
     return float((top[:, 0] - top[:, 1]).mean())

@@ -138,3 +138,11 @@ def test_max_seconds_stops_a_run_with_a_checkpoint(tmp_path, capsys):
     assert 1 <= steps < 100000 and len(read_metrics(out / "metrics.csv")) == steps
     assert main(["train", "vae", *DATA, "--max-seconds", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--max-seconds: expected a finite number of seconds > 0" in capsys.readouterr().err
+
+
+def test_flat_vae_keeps_its_parameter_order():
+    """An optimiser's saved state is matched to parameters by position, so the flat VAE's order (encoder, posterior
+    head, latent projection, decoder) is that of the checkpoints written before the spatial form existed."""
+    names = [name.split(".")[0] for name, _ in ConvVAE(image_size=32, base_channels=8).named_parameters()]
+    order = list(dict.fromkeys(names))
+    assert order == ["encoder", "to_posterior", "from_latent", "decoder"]

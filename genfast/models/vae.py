@@ -64,22 +64,23 @@ class ConvVAE(nn.Module):
         levels = len(sizes) - 1 if latent_channels is None else SPATIAL_LEVELS
         channels = [in_channels] + [level_channels(base_channels, j) for j in range(1, levels + 1)]
         self._bottom = (channels[-1], sizes[levels], sizes[levels])
-        if latent_channels is None:
-            self.latent_shape = (latent_dim,)
-            self.to_posterior = nn.Linear(channels[-1] * sizes[-1] ** 2, 2 * latent_dim)
-            self.from_latent = nn.Linear(latent_dim, channels[-1] * sizes[-1] ** 2)
-        else:
-            self.latent_shape = (latent_channels, sizes[levels], sizes[levels])
-            self.to_posterior = nn.Sequential(nn.Conv2d(channels[-1], channels[-1], 3, padding=1),
-                                              GroupNormSiLU(num_groups, channels[-1]),
-                                              nn.Conv2d(channels[-1], 2 * latent_channels, 1))
-            self.from_latent = nn.Conv2d(latent_channels, channels[-1], 3, padding=1)
+        self.latent_shape = (latent_dim,) if latent_channels is None else (latent_channels, *self._bottom[1:])
         self.latent_dim = math.prod(self.latent_shape)
 
+        # modules in the order of the flat VAE's first version: parameters() (and so an optimiser's saved state
+        # and the initialisation a seed gives) keep their order
         self.encoder = nn.ModuleList()
         for j in range(1, levels + 1):
             self.encoder.append(down_conv(channels[j - 1], channels[j], sizes[j - 1]))
             self.encoder.append(GroupNormSiLU(num_groups, channels[j]))
+        if latent_channels is None:
+            self.to_posterior = nn.Linear(channels[-1] * sizes[-1] ** 2, 2 * latent_dim)
+            self.from_latent = nn.Linear(latent_dim, channels[-1] * sizes[-1] ** 2)
+        else:
+            self.to_posterior = nn.Sequential(nn.Conv2d(channels[-1], channels[-1], 3, padding=1),
+                                              GroupNormSiLU(num_groups, channels[-1]),
+                                              nn.Conv2d(channels[-1], 2 * latent_channels, 1))
+            self.from_latent = nn.Conv2d(latent_channels, channels[-1], 3, padding=1)
         self.decoder = nn.ModuleList([GroupNormSiLU(num_groups, channels[-1])])
         for j in range(levels, 1, -1):
             self.decoder.append(up_conv(channels[j], channels[j - 1], sizes[j - 1]))

@@ -180,7 +180,8 @@ def _train(config: RunConfig, world: World) -> RunResult:
     if saved is not None:
         run.restore(saved)
     else:
-        task.start(data.dataset, data.train_indices)
+        with genfast.use_backend(config.backend):
+            task.start(data.dataset, data.train_indices)
     total = config.epochs * data.steps_per_epoch
     if config.max_steps is not None:
         total = min(total, config.max_steps)
