@@ -46,6 +46,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -165,6 +166,9 @@ def _jit_build():
     if shutil.which(compiler) is None:
         raise RuntimeError(f"the C++ extension {EXTENSION} is not built and no C++ compiler ({compiler}) is "
                            "available to compile it")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        raise RuntimeError(f"the C++ extension {EXTENSION} is not built and the Python development headers "
+                           "(Python.h, e.g. the python3-dev package) needed to compile it are not installed")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError(f"the C++ extension {EXTENSION} is not built and ninja (needed to compile it "
                            "just-in-time) is not installed")
