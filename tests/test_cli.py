@@ -132,7 +132,7 @@ def test_info_says_which_ops_a_backend_runs_and_why(capsys, monkeypatch):
     (["sample", "ddpm", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "no checkpoint at"),
     (["compare-beta", "--betas", "1", "--out", "x"], "--betas needs at least two different values"),
     (["compare-beta", "--out", "x", "--seeds", "0"], "argument --seeds: expected a positive int"),
-    (["train", "ldm", "--out", "x"], "the following arguments are required: --vae"),
+    (["train", "ldm", "--out", "{tmp}/ldm"], "--vae is required: the checkpoint.pt of a VAE trained with --latent-channels"),
     (["train", "vae", "--out", "x", "--latent-channels", "0"], "argument --latent-channels: expected a positive int"),
     (["sample", "ldm", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "no checkpoint at"),
     (["train", "vae", "--out", "x", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
