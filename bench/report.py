@@ -15,20 +15,11 @@ from typing import Optional
 
 import torch
 
+from genfast._machine import cpu_model
+
 from .runner import COMPILE, EAGER, Row
 
 BENCH_DIR = Path(__file__).resolve().parent
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> Optional[str]:
@@ -74,7 +65,7 @@ def machine_info(device: torch.device, threads: int) -> dict:
     except Exception:  # Triton is optional off Linux
         triton_version = None
     return dict(
-        device=str(device), cpu=_cpu_model(), cores=os.cpu_count(), threads=threads,
+        device=str(device), cpu=cpu_model(), cores=os.cpu_count(), threads=threads,
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         torch=torch.__version__, triton=triton_version, python=platform.python_version(), commit=_git_commit(),
         tree=_tree_digest(),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ._machine import cpu_model, load_average
 from .training import RunConfig, UsageError, train
 
 MODELS = ("vae", "wgan", "ddpm", "ldm")
@@ -30,28 +31,18 @@ CONTROL_RANDOM = 2  # random directions besides the 5 found ones
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ._backend import BACKENDS
+    from .cli import _add_device, _number, _positive
     from .data import DATASETS
+
+    positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive float")
 
     parser.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
                         help=f"which of {', '.join(MODELS)} to train (default all)")
     budget = parser.add_argument_group("budget per model (one of)")
     which = budget.add_mutually_exclusive_group()
     which.add_argument("--steps", type=_positive(int), help="training steps per model (ldm: per stage)")
-    which.add_argument("--seconds", type=_positive(float),
+    which.add_argument("--seconds", type=positive_float,
                        help=f"training wall-clock seconds per model (default {DEFAULT_SECONDS:g}; ldm: "
                             f"{LDM_VAE_SHARE:g} of it for its VAE, the rest for its latent DDPM)")
     data = parser.add_argument_group("data")
@@ -75,8 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--threads", type=int, default=1,
                      help="torch CPU threads (default 1: on a shared 2-core CPU, 2 threads per process ran a VAE "
                           "step 10× slower than 1; 0 = torch's default)")
-    run.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    run.add_argument("--backend", choices=BACKENDS, default="auto", help="genfast op implementation")
+    _add_device(run)
     run.add_argument("--quiet", action="store_true", help="no progress messages")
 
 
@@ -256,27 +246,11 @@ def measure(model: str, result, cost: dict, evaluator, net, settings: Settings, 
 
 # ------------------------------------------------------------------------------------------------------- driver
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
-
-
-def _load() -> float | None:
-    """The 1-minute load average (how busy the machine was), None where the OS has none."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 def compare_families(settings: Settings, *, command: list[str] | None = None) -> Path:
@@ -306,7 +280,7 @@ def _compare_families(settings: Settings, command: list[str] | None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
-    load = _load()
+    load = load_average()
     started = time.perf_counter()
     faces = settings.dataset == "faces"
     net, record = load_feature_net(quiet=settings.quiet)
@@ -328,7 +302,7 @@ def _compare_families(settings: Settings, command: list[str] | None) -> Path:
         with genfast.use_backend(settings.backend):
             results[model] = measure(model, result, cost, evaluator, net, settings, faces)
         del result
-    meta = dict(command=command, load_average=dict(start=load, end=_load()), settings=dataclasses.asdict(settings),
+    meta = dict(command=command, load_average=dict(start=load, end=load_average()), settings=dataclasses.asdict(settings),
                 machine=machine(), reference=described,
                 real_pairwise_distance=mean_pairwise_distance(real_features), feature_net=record,
                 real_grid=reference[:GRID_SAMPLES], faces=faces)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import genfast
+from ._machine import cpu_model, load_average
 from .checkpoint import atomic_write
 from .compare_beta import evaluate
 from .plots import save_image_grid
@@ -194,21 +195,14 @@ def _machine(result: RunResult) -> dict:
     ran reparameterize_kl, the 1-minute load average at the end (other processes slow the timings), versions."""
     from ._backend import resolve_backend
 
-    device = next(result.task.model.parameters()).device
+    device, load = next(result.task.model.parameters()).device, load_average()
     with genfast.use_backend(result.config.backend):
         backend = resolve_backend(device, torch.float32, "reparameterize")
-    return dict(processor=platform.processor(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
+    return dict(processor=platform.processor(), cpu=cpu_model(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), device=str(device),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                backend=backend, load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                backend=backend, load_average=None if load is None else round(load, 2),
                 platform=platform.platform(), torch=torch.__version__, genfast=genfast.__version__)
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor()
 
 
 def report_lines(summary: dict) -> list[str]:
