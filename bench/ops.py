@@ -166,8 +166,9 @@ Q_SAMPLE = OpBench(
 )
 
 
-# ---- sampler steps: x_prev = a_t·x_t + b_t·ε̂ (+ σ_t·z) ---------------------------------------------------------
-# forward: read ε̂, x_t, write x_prev (3·N·s); backward: read dx_prev, write dε̂, dx_t (3·N·s).
+# ---- sampler steps: x_prev = A·x_t + B·ε̂ + C·clamp(x̂₀, −1, 1) (+ σ_t·z), diffusers' default clipping ------------
+# forward: read ε̂, x_t, write x_prev (3·N·s); backward: read dx_prev, ε̂, x_t (for the clipping's mask), write dε̂,
+# dx_t (5·N·s).
 
 def _step_inputs(case, device, grad):
     t = torch.randint(DDIM_STRIDE, NUM_STEPS, (case.shape[0],), device=device)
@@ -178,15 +179,19 @@ def _step_bytes(case):
     return 3 * _numel(case) * _itemsize(case)
 
 
+def _step_backward_bytes(case):
+    return 5 * _numel(case) * _itemsize(case)
+
+
 DDPM_STEP = OpBench(
     module=genfast.ops.diffusion.OP,
     name="ddpm_step",
     inputs=_step_inputs,
-    eager=lambda inp: (diffusion.ddpm_step(inp["eps"], inp["t"], inp["x_t"], inp["schedule"]),),
+    eager=lambda inp: (diffusion.ddpm_step(inp["eps"], inp["t"], None, inp["x_t"], inp["schedule"]),),
     genfast=lambda inp: (genfast.ddpm_step(inp["eps"], inp["t"], inp["x_t"], inp["schedule"]),),
     grad_names=("eps", "x_t"),
     forward_bytes=_step_bytes,
-    backward_bytes=_step_bytes,
+    backward_bytes=_step_backward_bytes,
 )
 
 # DDIM with η = 0 from t to t − DDIM_STRIDE (t ≥ DDIM_STRIDE, so ᾱ_prev is a table entry).
@@ -200,7 +205,7 @@ DDIM_STEP = OpBench(
                                            inp["schedule"], eta=0.0),),
     grad_names=("eps", "x_t"),
     forward_bytes=_step_bytes,
-    backward_bytes=_step_bytes,
+    backward_bytes=_step_backward_bytes,
 )
 
 

@@ -30,9 +30,11 @@ from .report import machine_info
 GROUPS = 32
 # launches per op call, Triton and torch kernels together: GroupNorm forward ≤ 2 and backward ≤ 3 (the dweight /
 # dbias reduction included); a per-sample op one kernel each way plus at most one tiny finish (the diffusion loss
-# is two ops: q_sample and the MSE); random-number and check kernels are counted apart (RNG_OPS, CHECK_OPS)
+# is two ops: q_sample and the MSE; a thresholded step is the threshold's candidates kernel, torch's topk, lerp
+# and clamp of the (B,) thresholds, then the step); random-number and check kernels are counted apart (RNG_OPS,
+# CHECK_OPS). Keys (op, direction) or (op, direction, variant).
 LAUNCH_BUDGET = {("group_norm_silu", "forward"): 2, ("group_norm_silu", "backward"): 3,
-                 ("diffusion_loss", "forward"): 3}
+                 ("diffusion_loss", "forward"): 3, ("ddim_step", "forward", "threshold"): 5}
 PER_SAMPLE_BUDGET = 2
 # torch kernels that are not the op's computation, reported in their own columns: drawing random numbers (the
 # Philox seed) and checking tensor timesteps on the device without a sync (torch._assert_async of a range test)
@@ -52,7 +54,12 @@ PER_SAMPLE_SHAPES = {"reparameterize_kl": ((256, 128), (4096, 512), (8, 4, 64, 6
                      "gradient_penalty": ((64, 3, 64, 64), (256, 3, 64, 64)),
                      "interpolate": ((64, 3, 64, 64), (256, 3, 64, 64))}  # the gradient penalty's x̂
 PER_SAMPLE_QUICK = {"reparameterize_kl": ((4096, 512),), "diffusion_loss": ((64, 3, 64, 64),),
-                    "ddpm_step": ((64, 3, 64, 64),), "gradient_penalty": ((64, 3, 64, 64),)}
+                    "ddpm_step": ((64, 3, 64, 64),), "ddim_step": ((64, 3, 64, 64),),
+                    "gradient_penalty": ((64, 3, 64, 64),)}
+# per-sample ops with variants beyond their defaults: the DDIM step with dynamic thresholding (ratio 0.995, max value
+# 1.5, as DeepFloyd IF's; with diffusers' default 1.0 no reduction runs; the quick subset has that variant only)
+PER_SAMPLE_VARIANTS = {"ddim_step": ("-", "threshold")}
+PER_SAMPLE_QUICK_VARIANTS = {"ddim_step": ("threshold",)}
 
 
 @dataclass
@@ -97,7 +104,7 @@ def _gn_case(batch, channels, side, layout, dtype, variant) -> Case:
                 {"forward": 2 * n, "backward": 3 * n}, cpg if layout == "NHWC" else side * side)
 
 
-def _per_sample_case(op, shape, dtype) -> Case:
+def _per_sample_case(op, shape, dtype, variant="-") -> Case:
     from genfast.ops import gradient_penalty as gp
     torch_dtype = DTYPES[dtype]
     nbytes = math.prod(shape) * torch_dtype.itemsize
@@ -116,15 +123,19 @@ def _per_sample_case(op, shape, dtype) -> Case:
             "diffusion_loss": lambda: out.append(genfast.diffusion_loss(lambda x_t, t_: y, x.detach(), schedule,
                                                                         t=t)),
             "ddpm_step": lambda: out.append(genfast.ddpm_step(y, t_mid, x, schedule)),
-            "ddim_step": lambda: out.append(genfast.ddim_step(y, t_mid, t_prev, x, schedule)),
+            "ddim_step": lambda: out.append(genfast.ddim_step(y, t_mid, t_prev, x, schedule,
+                                                              thresholding=variant == "threshold",
+                                                              sample_max_value=1.5)),
             "gradient_penalty": lambda: out.append(gp._penalty_op(x, 10.0, "triton")[0]),
             "interpolate": lambda: out.append(gp._interpolate_op(x, y, alpha, "triton")),
         }
         inputs = [y] if op == "diffusion_loss" else [x] if op == "gradient_penalty" else [x, y]
         return calls[op], lambda: _backward(out, inputs)()
-    minimal = {"reparameterize_kl": (3, 5), "q_sample": (2, 2), "diffusion_loss": (3, 2), "ddpm_step": (3, 3),
-               "ddim_step": (3, 3), "gradient_penalty": (1, 2), "interpolate": (3, 3)}[op]
-    return Case(op, tuple(shape), "-", dtype, "-", run,
+    # the steps clip x̂₀ by default: their backward reads ε̂ and x_t for the clamp's mask; a thresholded step's ideal
+    # is one pass too (a sample's x̂₀ held on chip while its quantile is found), which the two-pass op is not
+    minimal = {"reparameterize_kl": (3, 5), "q_sample": (2, 2), "diffusion_loss": (3, 2), "ddpm_step": (3, 5),
+               "ddim_step": (3, 5), "gradient_penalty": (1, 2), "interpolate": (3, 3)}[op]
+    return Case(op, tuple(shape), "-", dtype, variant, run,
                 {"forward": minimal[0] * nbytes, "backward": minimal[1] * nbytes}, math.prod(shape[1:]))
 
 
@@ -140,7 +151,8 @@ def cases(quick: bool, ops=None) -> list[Case]:
     for op, shapes in (PER_SAMPLE_QUICK if quick else PER_SAMPLE_SHAPES).items():
         for shape in shapes:
             for dtype in dtypes:
-                out.append(_per_sample_case(op, shape, dtype))
+                for variant in (PER_SAMPLE_QUICK_VARIANTS if quick else PER_SAMPLE_VARIANTS).get(op, ("-",)):
+                    out.append(_per_sample_case(op, shape, dtype, variant))
     return [case for case in out if ops is None or case.op in ops]
 
 
@@ -175,7 +187,8 @@ def _row(case: Case, direction: str, recording, workdir: Path) -> dict:
     checks = [op for op in recording.torch_ops if op.startswith(CHECK_OPS)]
     torch_kernels = [op for op in recording.torch_ops if op not in rng and op not in checks]
     launches = len(recording.triton) + len(torch_kernels)
-    budget = LAUNCH_BUDGET.get((case.op, direction), PER_SAMPLE_BUDGET)
+    budget = LAUNCH_BUDGET.get((case.op, direction, case.variant),
+                               LAUNCH_BUDGET.get((case.op, direction), PER_SAMPLE_BUDGET))
     row = dict(op=case.op, shape="x".join(map(str, case.shape)), layout=case.layout, dtype=case.dtype,
                variant=case.variant, direction=direction, minimal_bytes=case.minimal_bytes[direction],
                launches=launches, launch_budget=budget, within_launch_budget=launches <= budget,

@@ -7,7 +7,8 @@ implementation with :func:`set_backend` / :func:`use_backend` or ``$GENFAST_BACK
 """
 from ._backend import get_backend, set_backend, use_backend
 from .ops.reparameterize import gaussian_kl, reparameterize, reparameterize_kl
-from .ops.diffusion import NoiseSchedule, ddim_step, ddpm_step, diffusion_loss, q_sample
+from .ops.diffusion import NoiseSchedule, diffusion_loss, q_sample
+from .ops.diffusion_steps import ddim_step, ddpm_step, dynamic_threshold
 from .ops.gradient_penalty import gradient_penalty
 from .ops.group_norm_silu import group_norm_silu
 from . import nn  # genfast.nn: the nn.Module wrappers
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "get_backend", "set_backend", "use_backend",
     "reparameterize", "gaussian_kl", "reparameterize_kl",
-    "NoiseSchedule", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step",
+    "NoiseSchedule", "q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "dynamic_threshold",
     "gradient_penalty",
     "group_norm_silu",
     "patch", "unpatch",

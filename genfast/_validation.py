@@ -93,6 +93,22 @@ def check_timesteps_not_after(t_prev, t) -> None:
         raise ValueError(message)
 
 
+def check_timesteps_before(t_prev, t) -> None:
+    """t_prev < t for every sample: a DDPM step goes back in time (its variance is negative otherwise). Ints on the
+    host; where either is a tensor, with :func:`assert_all`."""
+    message = "t_prev must be < t for every sample (a DDPM step goes from t back to t_prev)"
+    if isinstance(t_prev, torch.Tensor) or isinstance(t, torch.Tensor):
+        assert_all(t_prev < t, message)
+    elif t_prev >= t:
+        raise ValueError(f"{message}, got t={t}, t_prev={t_prev}")
+
+
+def check_choice(value, name: str, choices: tuple) -> None:
+    """``value`` is one of ``choices`` (strings): ValueError naming ``name`` and the choices otherwise."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def match_layout(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x`` in ``ref``'s memory layout (and ``dtype``, default ``x``'s): a copy only when strides or dtype differ."""
     dtype = x.dtype if dtype is None else dtype

@@ -47,6 +47,8 @@ _non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _decay = _number(float, lambda v: 0 <= v < 1, "a decay in [0, 1) (0 = off)")
 _eval_num = _number(int, lambda v: v >= 4, "an integer >= 4")
 _positive_seconds = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0")
+_quantile = _number(float, lambda v: 0 < v <= 1, "a quantile in (0, 1]")
+_max_value = _number(float, lambda v: math.isfinite(v) and v >= 1, "a finite number >= 1")
 
 
 def _compile_backend(text):
@@ -61,7 +63,7 @@ def _compile_backend(text):
 def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
     """Flags every training command takes: data, optimisation, run length, device."""
     from .data import DATASETS
-    from .training.config import DEFAULT_LR
+    from .training.config import DEFAULT_GRAD_CLIP, DEFAULT_LR, DEFAULT_LR_WARMUP
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="faces",
@@ -78,6 +80,13 @@ def _add_common(p: argparse.ArgumentParser, *, model: str) -> None:
                        help="stop after S seconds of training in this process (a resumed run gets S more)")
     train.add_argument("--batch-size", type=_positive(int), default=128, help="images a step over all processes")
     train.add_argument("--lr", type=_positive(float), help=f"Adam learning rate (default {DEFAULT_LR[model]:g})")
+    recipe = ", diffusers' train_unconditional.py" if model in ("ddpm", "ldm") else ""
+    train.add_argument("--lr-warmup", type=_non_negative_int, metavar="STEPS",
+                       help="raise the learning rate linearly over the first STEPS updates, 0 = off (default "
+                            f"{DEFAULT_LR_WARMUP[model]}{recipe})")
+    train.add_argument("--grad-clip", type=_non_negative_float, metavar="NORM",
+                       help="clip the total gradient norm of each update to NORM, 0 = off (default "
+                            f"{DEFAULT_GRAD_CLIP[model]:g}{recipe})")
     train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--latent-dim", type=_positive(int), default=128)
     train.add_argument("--base-channels", type=_positive(int), help="width of the first layer (model default)")
@@ -134,19 +143,52 @@ def _add_wgan(p) -> None:
     p.add_argument("--n-critic", type=_positive(int), default=5, help="critic steps per generator step (default 5)")
 
 
-def _add_ddpm(p) -> None:
+def _add_diffusion(p) -> None:
+    """The U-Net, the schedule and the prediction type of a ddpm or ldm run."""
+    from .training.config import PREDICTION_TYPES
+
     p.add_argument("--timesteps", type=_positive(int), default=1000, help="diffusion steps T (default 1000)")
     p.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    p.add_argument("--prediction-type", choices=PREDICTION_TYPES, default="epsilon",
+                   help="what the U-Net predicts: the noise (epsilon, Ho et al.; default), v (v_prediction, "
+                        "Salimans & Ho) or x0 (sample)")
     p.add_argument("--channel-mult", type=_positive(int), nargs="+", default=[1, 2, 2, 2])
     p.add_argument("--num-res-blocks", type=_positive(int), default=2)
+    p.add_argument("--num-groups", type=_positive(int), default=32,
+                   help="GroupNorm groups of the U-Net (default 32; must divide every level's channels)")
+    p.add_argument("--scale-shift", action=argparse.BooleanOptionalAction, default=True,
+                   help="the time embedding scales and shifts each residual block's normalised features (ADM, "
+                        "default); --no-scale-shift adds it before the norm (Ho et al.)")
     p.add_argument("--sample-steps", type=_positive(int), default=50, help="DDIM steps for samples.png (default 50)")
+
+
+def _add_x0_handling(group, *, default: str) -> None:
+    """--clip-sample / --thresholding (diffusers' x̂₀ settings of the sampler steps) in ``group``; ``default`` says
+    what applies when they are not given."""
+    group.add_argument("--clip-sample", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"clip the predicted x̂₀ to [-1, 1] in every step ({default}: on)")
+    group.add_argument("--thresholding", action=argparse.BooleanOptionalAction, default=None,
+                       help="Imagen's dynamic thresholding of x̂₀ instead of clipping "
+                            f"({default}: off)")
+    group.add_argument("--dynamic-thresholding-ratio", type=_quantile, metavar="R",
+                       help=f"quantile of |x̂₀| that sets the threshold ({default}: 0.995)")
+    group.add_argument("--sample-max-value", type=_max_value, metavar="V",
+                       help=f"largest threshold ({default}: 1.0)")
+
+
+def _add_ddpm(p) -> None:
+    _add_diffusion(p)
+    _add_x0_handling(p, default="samples.png and --eval-every; default")
+
+
+X0_GROUP = "x̂₀ in the sampler steps (diffusers' settings)"
 
 
 def _add_ldm(p) -> None:
     p.add_argument("--vae", metavar="CKPT",
                    help="checkpoint.pt of a VAE trained with --latent-channels, frozen; its latents are diffused "
                         "(required for a new run; --resume takes the VAE from the run's checkpoint)")
-    _add_ddpm(p)
+    _add_diffusion(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="folder for samples.png")
         p.add_argument("--quiet", action="store_true")
         _add_device(p)
+        if model == "ddpm":
+            _add_x0_handling(p.add_argument_group(X0_GROUP), default="default: the run's setting; by default")
 
     _add_eval(commands)
     example = commands.add_parser("example", help="small worked examples").add_subparsers(
@@ -220,6 +264,16 @@ def _add_eval(commands) -> None:
     p.add_argument("--out", required=True, help="folder for eval.json and samples.png")
     p.add_argument("--quiet", action="store_true", help="no table or messages")
     _add_device(p)
+    _add_x0_handling(p.add_argument_group(X0_GROUP),
+                     default="pixel-space ddpm checkpoints only; default: the run's setting; by default")
+
+
+X0_FLAGS = ("clip_sample", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+
+
+def _x0_overrides(args) -> dict:
+    """The x̂₀ settings given on the command line of ``sample`` or ``eval`` (they replace the run's)."""
+    return {name: getattr(args, name) for name in X0_FLAGS if getattr(args, name, None) is not None}
 
 
 def _config(args, model: str, **overrides):
@@ -229,8 +283,12 @@ def _config(args, model: str, **overrides):
              "lr", "seed", "latent_dim", "latent_channels", "vae", "max_seconds", "base_channels", "out", "resume", "checkpoint_every", "backend", "device",
              "quiet", "beta", "beta1", "gp_weight", "n_critic", "timesteps", "schedule", "channel_mult",
              "num_res_blocks", "sample_steps", "precision", "ema", "ema_warmup", "compile", "channels_last",
-             "eval_every", "eval_num")
+             "eval_every", "eval_num", "lr_warmup", "grad_clip", "prediction_type", "num_groups", "scale_shift",
+             "clip_sample", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
     fields = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    for name in ("thresholding", "dynamic_thresholding_ratio", "sample_max_value"):  # None: not given
+        if fields.get(name, 0) is None:
+            del fields[name]
     fields.update(overrides)
     return RunConfig(model=model, given=tuple(n for n in names if n in args.given), **fields)
 
@@ -265,6 +323,7 @@ def _sample(args) -> int:
     from .checkpoint import load_checkpoint
     from .plots import save_image_grid
     from .training import RunConfig, UsageError, build_ddpm, sample_ddpm
+    from .training.config import LEGACY
     from .training.distributed import World, resolve_device
     from .training.tasks import grid_columns
 
@@ -274,7 +333,7 @@ def _sample(args) -> int:
         raise UsageError("--out must name a folder, got ''")
     try:
         saved = load_checkpoint(args.checkpoint, keys=("config", "channels", "task"))
-        config = RunConfig(**saved["config"])
+        config = RunConfig(**{**LEGACY, **saved["config"]})
         if config.model != args.model:
             raise UsageError(f"--checkpoint {args.checkpoint} is a {config.model} checkpoint, not {args.model}")
         model = build_ddpm(config, saved["channels"])
@@ -287,6 +346,11 @@ def _sample(args) -> int:
                          f"(use --sampler ddim for fewer), got {args.steps}")
     if args.steps is not None and args.steps > config.timesteps:
         raise UsageError(f"--steps must be <= the model's T={config.timesteps}, got {args.steps}")
+    config = dataclasses.replace(config, **_x0_overrides(args))
+    try:
+        config._check_diffusion_settings()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     device = resolve_device(args.device, World())
     reason = dataclasses.replace(config, backend=args.backend).backend_reason(device)
     if reason is not None:
@@ -300,7 +364,8 @@ def _sample(args) -> int:
     with genfast.use_backend(args.backend), torch.no_grad():
         images = sample_ddpm(model, args.num, sampler=args.sampler, steps=args.steps,
                              generator=torch.Generator(device=device).manual_seed(args.seed),
-                             progress=not args.quiet and sys.stderr.isatty())
+                             progress=not args.quiet and sys.stderr.isatty(),
+                             sampling=config.sampling if args.model == "ddpm" else None)
     save_image_grid(images, out / "samples.png", nrow=grid_columns(args.num), scale=2)
     _say(args, f"wrote {out / 'samples.png'} ({args.num} samples, {args.sampler})")
     return 0
@@ -311,7 +376,7 @@ def _eval(args) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, out=args.out, num=args.num, k=args.k, seed=args.seed,
                                  batch_size=args.batch_size, data_dir=args.data_dir, device=args.device,
-                                 backend=args.backend, quiet=args.quiet)
+                                 backend=args.backend, quiet=args.quiet, sampling=_x0_overrides(args))
     if not args.quiet:
         print(format_table(result))
     _say(args, f"wrote {Path(args.out) / 'eval.json'}")

@@ -80,11 +80,11 @@ def latents_of(model: str, task, *, sample_steps: int) -> list[Latent]:
         shape = tuple(m.latent_shape)
 
         def sampled_latents(n, generator):  # first-stage latents s·z as the LDM generates them
-            return m.ddpm.sample(n, generator=generator, clip=False, **ddim)
+            return m.ddpm.sample(n, generator=generator, clip_sample=False, **ddim)
 
         dims = "×".join(map(str, shape))
         def inner(x):
-            return m.ddpm.sample(x.shape[0], noise=x, clip=False, **ddim)
+            return m.ddpm.sample(x.shape[0], noise=x, clip_sample=False, **ddim)
 
         return [Latent("ldm", shape, _normal(shape, device), lambda x: m.decode(inner(x)),
                        f"DDIM x_T in latent space ({dims}), {sample_steps} steps, eta 0", inner=inner),

@@ -186,9 +186,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _restore(path, *, device, backend, data_dir, batch_size):
-    """(config, task with the checkpoint's weights and EMA, step) of a training checkpoint; one-line
-    :class:`UsageError` for every problem."""
+def _restore(path, *, device, backend, data_dir, batch_size, sampling=None):
+    """(config, task with the checkpoint's weights and EMA, step) of a training checkpoint, with the x̂₀ settings
+    ``sampling`` (``--clip-sample`` ...) replacing the run's; one-line :class:`UsageError` for every problem."""
     import dataclasses
 
     from .checkpoint import load_checkpoint
@@ -207,7 +207,17 @@ def _restore(path, *, device, backend, data_dir, batch_size):
         overrides["data_dir"] = data_dir
     if batch_size is not None:
         overrides["batch_size"] = batch_size
+    if sampling:
+        if config.model != "ddpm":
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in sampling)
+            raise UsageError(f"{flags}: the x̂₀ settings apply to pixel-space ddpm checkpoints, this is a "
+                             f"{config.model} checkpoint")
+        overrides.update(sampling)
     config = dataclasses.replace(config, **overrides)
+    try:
+        config._check_diffusion_settings()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     torch_device = resolve_device(device, World())
     reason = config.backend_reason(torch_device)
     if reason is not None:
@@ -232,11 +242,14 @@ def _reference_for(config, num: int):
 
 
 def evaluate_checkpoint(checkpoint, *, out, num: int = 1000, k: int = 3, seed: int = 0, batch_size=None,
-                        data_dir=None, device: str = "auto", backend: str = "auto", quiet: bool = False) -> dict:
+                        data_dir=None, device: str = "auto", backend: str = "auto", quiet: bool = False,
+                        sampling: dict | None = None) -> dict:
     """``genfast eval``: ``num`` samples of the checkpoint's (averaged) model, drawn with ``seed`` in fp32, against
     ``num`` reference images (:func:`reference_images`); writes ``out``/eval.json (the returned dict) and
     ``out``/samples.png (the first 64 samples). Defaults: num 1000, k 3, seed 0, the run's batch size and data
-    folder, device and backend auto."""
+    folder, device and backend auto. ``sampling``: x̂₀ settings of a ddpm checkpoint's sampler steps
+    (``clip_sample``, ``thresholding``, ``dynamic_thresholding_ratio``, ``sample_max_value``) replacing the run's
+    (by default clipped to [-1, 1]); recorded in eval.json's ``run``."""
     import time
 
     import genfast
@@ -248,7 +261,7 @@ def evaluate_checkpoint(checkpoint, *, out, num: int = 1000, k: int = 3, seed: i
         raise UsageError("--out must name a folder, got ''")
     started = time.perf_counter()
     config, task, step, torch_device = _restore(checkpoint, device=device, backend=backend, data_dir=data_dir,
-                                                batch_size=batch_size)
+                                                batch_size=batch_size, sampling=sampling)
     reference, described = _reference_for(config, num)
     if reference.shape[0] <= k:
         raise UsageError(f"--k {k}: the reference set has only {reference.shape[0]} images ({described})")
@@ -265,6 +278,8 @@ def evaluate_checkpoint(checkpoint, *, out, num: int = 1000, k: int = 3, seed: i
                           batch_size=max(config.batch_size, 64), device=torch_device, seed=seed)
     run = dict(model=config.model, dataset=config.dataset, image_size=config.image_size, step=step,
                ema=config.ema, training_precision=config.precision)
+    if config.model in ("ddpm", "ldm"):
+        run.update(prediction_type=config.prediction_type, sampling=config.sampling)
     result = dict(checkpoint=str(checkpoint), run=run, reference=described, seed=seed, **evaluator(samples),
                   feature_net=dict(settings_hash=record["settings_hash"], weights_hash=record["weights_hash"],
                                    settings=record["settings"], heldout=record["heldout"]),

@@ -187,6 +187,9 @@ def limits(results: dict, meta: dict) -> list[str]:
         "(compare models only with each other, within one run); KID's ± is the s.d. over its subsets.",
         f"- Networks of width {s['base_channels']}, {s['image_size']}×{s['image_size']} images, "
         f"{s['sample_steps']} DDIM steps: small models and few sampling steps lower the diffusion models' quality.",
+        "- Diffusion as diffusers runs it: the pixel DDPM's sampler clips x̂₀ to [-1, 1] in every step, the LDM's "
+        "leaves its latents unclipped (as Stable Diffusion); both train with the gradient norm clipped to 1 but "
+        "without the recipe's 500-update learning-rate warm-up, which would take up most of these budgets.",
         "- Speeds are wall-clock times on the run's machine (below) and vary with its load; on a shared CPU compare "
         "ratios rather than absolute values. Training seconds include building the data and the model and the "
         "pictures each run writes.",

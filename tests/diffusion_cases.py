@@ -1,6 +1,7 @@
 """What the diffusion tests share (tests/test_diffusion.py: schedule, q_sample, the loss; tests/test_diffusion_steps.py:
-the DDPM / DDIM steps): the cases, the schedule, the textbook formulas in float64 (torch composites independent of
-genfast), the forward/backward check and the registered ops."""
+the DDPM / DDIM steps and the dynamic threshold): the cases, the schedule, the textbook formulas in float64 (torch
+code independent of genfast, written after the papers and diffusers' schedulers), the forward/backward check and
+the registered ops."""
 import pytest
 import torch
 from torch import nn
@@ -24,8 +25,14 @@ ddpm_op = torch.ops.genfast.ddpm_step.default
 ddpm_backward_op = torch.ops.genfast.ddpm_step_backward.default
 ddim_op = torch.ops.genfast.ddim_step.default
 ddim_backward_op = torch.ops.genfast.ddim_step_backward.default
-mse_op = torch.ops.genfast.noise_mse.default
-mse_backward_op = torch.ops.genfast.noise_mse_backward.default
+threshold_op = torch.ops.genfast.dynamic_threshold.default
+mse_op = torch.ops.genfast.target_mse.default
+mse_backward_op = torch.ops.genfast.target_mse_backward.default
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# x̂₀ handling: as it is, clipped to ±1.5, or dynamically thresholded with ratio 0.9 and a max value of 1.5 (so s
+# lands inside (1, 1.5) on the scaled test data, where the quantile matters)
+HANDLINGS = {"as_is": dict(clip_sample=False), "clip": dict(clip_sample_range=1.5),
+             "threshold": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)}
 
 
 def randn(shape, dtype=torch.float32, layout="contiguous"):
@@ -35,6 +42,29 @@ def randn(shape, dtype=torch.float32, layout="contiguous"):
     elif layout == "strided":
         x = torch.randn(shape[0], 2 * shape[1], *shape[2:])[:, ::2]
     return x.to(dtype)
+
+
+def laid_out(x, layout):
+    """A copy of ``x`` in ``layout`` ("strided": every other channel of a wider tensor)."""
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
+        wide[:, ::2] = x
+        return wide[:, ::2]
+    return x.clone()
+
+
+def eps_step_inputs(shape, dtype, layout, t):
+    """(ε̂, x_t) of a good ε-prediction model: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, ε̂ = ε + 0.05·noise, with x₀ uniform
+    in (−1.3, 1.3) and 0 at every sample's first element, so that clipping x̂₀ to ±1 leaves some elements in and
+    takes others out."""
+    x0 = torch.rand(shape) * 2.6 - 1.3
+    x0.view(shape[0], -1)[:, 0] = 0.0
+    eps = torch.randn(shape)
+    ac = col(closed_form(SCHEDULE)[2][t], x0)
+    x = (ac.sqrt() * x0 + (1 - ac).sqrt() * eps).float()
+    return laid_out((eps + 0.05 * torch.randn(shape)).to(dtype), layout), laid_out(x.to(dtype), layout)
 
 
 def timesteps(batch, low=0, high=T):
@@ -58,21 +88,59 @@ def textbook_q_sample(x0, t, noise):
     return col(ac.sqrt(), x0) * x0.double() + col((1 - ac).sqrt(), x0) * noise.double()
 
 
-def textbook_ddpm(eps_hat, t, x, z):
-    """Ho et al. Algorithm 2: x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε̂)/√α_t + σ_t·z, σ_t² = β_t(1−ᾱ_{t−1})/(1−ᾱ_t)."""
+def textbook_ddpm_algorithm2(eps_hat, t, x, z):
+    """Ho et al. Algorithm 2 (ε-prediction, no clipping): x_{t−1} = (x_t − β_t/√(1−ᾱ_t)·ε̂)/√α_t + σ_t·z,
+    σ_t² = β_t(1−ᾱ_{t−1})/(1−ᾱ_t)."""
     betas, alphas, ac, ac_prev = (col(v[t], x) for v in closed_form(SCHEDULE))
     sigma = (betas * (1 - ac_prev) / (1 - ac)).sqrt()
     return (x - betas / (1 - ac).sqrt() * eps_hat) / alphas.sqrt() + sigma * z
 
 
-def textbook_ddim(eps_hat, t, t_prev, x, z, eta):
-    """Song et al. eq. 12 with σ = η·√((1−ᾱ_p)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_p), ᾱ_p = 1 for t_prev < 0."""
+def _x0_and_eps(y, x, ac, prediction_type):
+    """(x̂₀, ε̂) from the model output y, diffusers' formulas."""
+    if prediction_type == "epsilon":
+        return (x - (1 - ac).sqrt() * y) / ac.sqrt(), y
+    if prediction_type == "v_prediction":
+        return ac.sqrt() * x - (1 - ac).sqrt() * y, ac.sqrt() * y + (1 - ac).sqrt() * x
+    return y, (x - ac.sqrt() * y) / (1 - ac).sqrt()
+
+
+def _handle_x0(x0, clip_sample=True, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
+               sample_max_value=1.0):
+    """x̂₀ clipped, or dynamically thresholded (s from torch.quantile, held constant: detached), as diffusers."""
+    if thresholding:
+        s = torch.quantile(x0.detach().abs().reshape(x0.shape[0], -1), dynamic_thresholding_ratio, dim=1)
+        s = col(s.clamp(min=1, max=sample_max_value), x0)
+        return torch.clamp(x0, -s, s) / s
+    return x0.clamp(-clip_sample_range, clip_sample_range) if clip_sample else x0
+
+
+def _alphas(t, t_prev, x):
     ac_all = closed_form(SCHEDULE)[2]
-    ac = col(ac_all[t], x)
-    ac_prev = col(torch.where(t_prev >= 0, ac_all[t_prev.clamp(min=0)], 1.0), x)
+    return col(ac_all[t], x), col(torch.where(t_prev >= 0, ac_all[t_prev.clamp(min=0)], 1.0), x)
+
+
+def textbook_ddpm(y, t, x, z, *, t_prev=None, prediction_type="epsilon", variance_type="fixed_small", **handling):
+    """DDPMScheduler.step: x̂₀ (handled), x_prev = √ᾱ_p·β'/(1−ᾱ_t)·x̂₀ + √α'·(1−ᾱ_p)/(1−ᾱ_t)·x_t + σ·z with
+    α' = ᾱ_t/ᾱ_p, β' = 1 − α', σ² = (1−ᾱ_p)/(1−ᾱ_t)·β' (fixed_small) or β' (fixed_large), σ = 0 at t = 0."""
+    ac, ac_prev = _alphas(t, t - 1 if t_prev is None else t_prev, x)
+    alpha = ac / ac_prev
+    x0 = _handle_x0(_x0_and_eps(y, x, ac, prediction_type)[0], **handling)
+    mean = ac_prev.sqrt() * (1 - alpha) / (1 - ac) * x0 + alpha.sqrt() * (1 - ac_prev) / (1 - ac) * x
+    variance = (1 - ac_prev) / (1 - ac) * (1 - alpha) if variance_type == "fixed_small" else 1 - alpha
+    return mean + torch.where(col(t, x) > 0, variance.clamp(min=0).sqrt(), 0.0) * z
+
+
+def textbook_ddim(y, t, t_prev, x, z, eta, *, prediction_type="epsilon", use_clipped_model_output=False,
+                  **handling):
+    """Song et al. eq. 12 as DDIMScheduler.step: σ = η·√((1−ᾱ_p)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_p), ᾱ_p = 1 for t_prev < 0."""
+    ac, ac_prev = _alphas(t, t_prev, x)
     sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).clamp(min=0).sqrt()
-    x0_hat = (x - (1 - ac).sqrt() * eps_hat) / ac.sqrt()
-    return ac_prev.sqrt() * x0_hat + (1 - ac_prev - sigma**2).sqrt() * eps_hat + sigma * z
+    x0, eps = _x0_and_eps(y, x, ac, prediction_type)
+    x0 = _handle_x0(x0, **handling)
+    if use_clipped_model_output:
+        eps = (x - ac.sqrt() * x0) / (1 - ac).sqrt()
+    return ac_prev.sqrt() * x0 + (1 - ac_prev - sigma**2).sqrt() * eps + sigma * z
 
 
 def textbook_grads(formula, inputs, grad):
@@ -119,10 +187,20 @@ class TinyEpsModel(nn.Module):
         return torch.tanh(x_t * self.w + col(self.emb[t], x_t)).contiguous()
 
 
-def unfused_loss(model, x0, t, noise):
-    """The textbook loss mean((model(x_t, t) − ε)²) with explicit noise, x_t rounded to x0's dtype."""
+def textbook_target(x0, t, noise, prediction_type):
+    """The training target in float64: ε, v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀ (Salimans & Ho 2022) or x₀."""
+    if prediction_type == "epsilon":
+        return noise.double()
+    if prediction_type == "sample":
+        return x0.double()
+    ac = col(closed_form(SCHEDULE)[2][t], x0)
+    return ac.sqrt() * noise.double() - (1 - ac).sqrt() * x0.double()
+
+
+def unfused_loss(model, x0, t, noise, prediction_type="epsilon"):
+    """The textbook loss mean((model(x_t, t) − target)²) with explicit noise, x_t rounded to x0's dtype."""
     x_t = textbook_q_sample(x0, t, noise).to(x0.dtype)
-    return (model(x_t, t).double() - noise.double()).square().mean()
+    return (model(x_t, t).double() - textbook_target(x0, t, noise, prediction_type)).square().mean()
 
 
 def tables(*names):
@@ -130,8 +208,7 @@ def tables(*names):
 
 
 Q_TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-DDPM_TABLES = Q_TABLES + ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance")
-DDIM_TABLES = ("alphas_cumprod",) + Q_TABLES
+STEP_TABLES = ("alphas_cumprod",) + Q_TABLES
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ FUNCTIONS = {
     "group_norm_silu": ("group_norm_silu", "group_norm_silu_backward"),
     "reparameterize": ("reparameterize_kl", "reparameterize_kl_backward"),
     "diffusion": ("q_sample", "q_sample_backward", "ddpm_step", "ddpm_step_backward", "ddim_step",
-                  "ddim_step_backward", "noise_mse", "noise_mse_backward"),
+                  "ddim_step_backward", "dynamic_threshold", "target_mse", "target_mse_backward"),
     "gradient_penalty": ("interpolate", "interpolate_backward", "gradient_norm_penalty",
                          "gradient_norm_penalty_backward"),
 }

@@ -58,12 +58,41 @@ def test_train_ddpm_and_sample(tmp_path):
     assert [row["step"] for row in read_metrics(run / "metrics.csv")] == [1, 2]
     assert _png(run / "samples.png") == (4 * 66 + 2, 4 * 66 + 2)
     _png(run / "loss.png")
-    for sampler, steps in (("ddim", "3"), ("ddpm", "10")):
-        out = tmp_path / sampler
+    for sampler, steps, x0 in (("ddim", "3", []), ("ddpm", "10", ["--no-clip-sample"]),
+                               ("ddim", "2", ["--thresholding", "--dynamic-thresholding-ratio", "0.9"])):
+        out = tmp_path / f"{sampler}{len(x0)}"
         assert main(["sample", "ddpm", "--checkpoint", str(run / "checkpoint.pt"), "--sampler", sampler,
                      "--steps", steps, "--num", "3", "--out", str(out), "--backend", "reference", "--device", "cpu",
-                     "--quiet"]) == 0
+                     "--quiet", *x0]) == 0
         assert _png(out / "samples.png") == (2 * 66 + 2, 2 * 66 + 2)
+
+
+def test_sample_draws_with_the_runs_x0_settings_unless_told_otherwise(tmp_path, monkeypatch):
+    """`sample ddpm` passes the run's saved x̂₀ settings (diffusers' default: clipped) to DDPM.sample, and the flags
+    replace them."""
+    from genfast.models import DDPM
+
+    run = tmp_path / "run"
+    assert main(["train", "ddpm", *DATA, "--base-channels", "32", "--channel-mult", "1", "2", "--num-res-blocks",
+                 "1", "--timesteps", "10", "--sample-steps", "2", "--max-steps", "1", "--no-clip-sample",
+                 "--out", str(run)]) == 0
+    calls = []
+    sample = DDPM.sample
+
+    def spy(self, n, **kwargs):
+        calls.append({k: kwargs[k] for k in ("clip_sample", "thresholding", "dynamic_thresholding_ratio",
+                                             "sample_max_value")})
+        return sample(self, n, **kwargs)
+
+    monkeypatch.setattr(DDPM, "sample", spy)
+    common = ["sample", "ddpm", "--checkpoint", str(run / "checkpoint.pt"), "--steps", "2", "--num", "2", "--out",
+              str(tmp_path / "s"), "--backend", "reference", "--device", "cpu", "--quiet"]
+    assert main(common) == 0
+    assert main([*common, "--clip-sample", "--sample-max-value", "1.5"]) == 0
+    assert calls == [dict(clip_sample=False, thresholding=False, dynamic_thresholding_ratio=0.995,
+                          sample_max_value=1.0),
+                     dict(clip_sample=True, thresholding=False, dynamic_thresholding_ratio=0.995,
+                          sample_max_value=1.5)]
 
 
 def test_compare_beta_writes_the_report(tmp_path):
@@ -143,6 +172,19 @@ def test_info_says_which_ops_a_backend_runs_and_why(capsys, monkeypatch):
     (["eval", "--checkpoint", "{tmp}/missing.pt", "--out", "x"], "--checkpoint: no checkpoint at"),
     (["eval", "--checkpoint", "x.pt", "--out", "x", "--num", "1"], "argument --num: expected an integer >= 4"),
     (["eval", "--checkpoint", "x.pt", "--out", ""], "--out must name a folder"),
+    (["train", "ddpm", "--out", "x", "--prediction-type", "x0"], "argument --prediction-type: invalid choice: 'x0'"),
+    (["train", "ldm", "--out", "x", "--prediction-type", "v"], "argument --prediction-type: invalid choice: 'v'"),
+    (["train", "ddpm", "--out", "x", "--lr-warmup", "-1"], "argument --lr-warmup: expected an integer >= 0"),
+    (["train", "vae", "--out", "x", "--lr-warmup", "1.5"], "argument --lr-warmup: expected an integer >= 0"),
+    (["train", "ddpm", "--out", "x", "--grad-clip", "nan"], "argument --grad-clip: expected a finite number >= 0"),
+    (["train", "wgan", "--out", "x", "--grad-clip", "-1"], "argument --grad-clip: expected a finite number >= 0"),
+    (["train", "ddpm", "--out", "{tmp}/g", "--base-channels", "32", "--num-groups", "5"],
+     "--num-groups 5 must divide the channels of every U-Net level [32, 64]"),
+    (["train", "ddpm", "--out", "x", "--num-groups", "0"], "argument --num-groups: expected a positive int"),
+    (["sample", "ddpm", "--checkpoint", "x.pt", "--out", "x", "--dynamic-thresholding-ratio", "1.5"],
+     "argument --dynamic-thresholding-ratio: expected a quantile in (0, 1]"),
+    (["eval", "--checkpoint", "x.pt", "--out", "x", "--sample-max-value", "0.5"],
+     "argument --sample-max-value: expected a finite number >= 1"),
 ])
 def test_bad_flags_and_paths_give_one_line_and_exit_code_2(argv, expected, tmp_path, capsys):
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]

@@ -2,6 +2,7 @@
 and unpatched models give the same outputs and gradients, revert restores them exactly, the schedulers match
 diffusers' results, and the module explains a missing diffusers."""
 import importlib
+import itertools
 import sys
 
 import pytest
@@ -202,47 +203,87 @@ def test_blocks_the_fused_ops_cannot_express_run_diffusers_forward():
 
 # ---- schedulers ------------------------------------------------------------------------------------------------
 
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+# diffusers' x̂₀ handlings: its default (clip to ±1), another range, none, dynamic thresholding (s inside (1, 1.5))
+HANDLINGS = (dict(), dict(clip_sample_range=1.5), dict(clip_sample=False),
+             dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5))
 
-def test_ddpm_scheduler_matches_diffusers(backend):
-    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
-    ours = GenfastDDPMScheduler.from_config(theirs.config)
-    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    # diffusers derives the posterior coefficients from float32 ᾱ (see test_diffusion): ~1e-3 at the smallest β
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The fused steps the schedulers call, by name (diffusers' own step does not call them)."""
+    import genfast.integrations.diffusers as integration
+
+    calls = []
+    for name in ("ddpm_step", "ddim_step"):
+        op = getattr(integration, name)
+        monkeypatch.setattr(integration, name, lambda *a, _op=op, _name=name, **k: calls.append(_name) or _op(*a, **k))
+    return calls
+
+
+def _philox_in_place_of_randn(want, theirs, t, x, generator_seed):
+    """diffusers' DDPM result with its torch.randn variance noise replaced by genfast's Philox noise of the same
+    generator seed."""
+    if t == 0:
+        return want
+    std = theirs._get_variance(t) ** 0.5 if theirs.variance_type != "fixed_small_log" else theirs._get_variance(t)
+    z = noise_like(x, draw_seed(x.device, torch.Generator().manual_seed(generator_seed)))
+    return want + std * (z - torch.randn(x.shape, generator=torch.Generator().manual_seed(generator_seed)))
+
+
+@pytest.mark.parametrize("handling", HANDLINGS, ids=("default", "range", "unclipped", "threshold"))
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddpm_scheduler_matches_diffusers(backend, prediction_type, handling, fused_calls):
+    """Every configuration the fused step covers: prev_sample (with Philox noise in place of torch.randn) and
+    pred_original_sample, int and tensor timesteps, all T steps and set_timesteps(10) with two spacings."""
+    x, model_output = 1.5 * torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    # diffusers derives the posterior coefficients from float32 ᾱ (see test_diffusion_steps): ~1e-3 at the
+    # smallest β
     tol = dict(atol=1e-3, rtol=1e-3)
-    for t in (0, 1, 500, 999):
-        theirs_out = theirs.step(eps, t, x, generator=torch.Generator().manual_seed(t))
-        out = ours.step(eps, torch.tensor(t), x, generator=torch.Generator().manual_seed(t))
-        want = theirs_out.prev_sample
-        if t > 0:  # the same step with genfast's Philox noise in place of diffusers' torch.randn
-            std = theirs._get_variance(t) ** 0.5
-            z = noise_like(x, draw_seed(x.device, torch.Generator().manual_seed(t)))
-            want = want + std * (z - torch.randn(x.shape, generator=torch.Generator().manual_seed(t)))
-        torch.testing.assert_close(out.prev_sample, want, **tol)
-        torch.testing.assert_close(out.pred_original_sample, theirs_out.pred_original_sample, **tol)
-    prev, x0 = ours.step(eps, 0, x, return_dict=False)
-    assert torch.equal(prev, ours.step(eps, 0, x).prev_sample) and x0.shape == x.shape
+    for variance_type, spacing in (("fixed_small", None), ("fixed_small_log", "leading"), ("fixed_large", "trailing")):
+        config = dict(prediction_type=prediction_type, variance_type=variance_type, **handling)
+        theirs = DDPMScheduler(num_train_timesteps=100, timestep_spacing=spacing or "leading", **config)
+        ours = GenfastDDPMScheduler.from_config(theirs.config)
+        if spacing is not None:
+            theirs.set_timesteps(10)
+            ours.set_timesteps(10)
+        steps = [99, 50, 1, 0] if spacing is None else [int(t) for t in theirs.timesteps[[0, 4, -1]]]
+        for t, timestep in itertools.product(steps, ("int", "tensor")):
+            want = theirs.step(model_output, t, x, generator=torch.Generator().manual_seed(t))
+            out = ours.step(model_output, t if timestep == "int" else torch.tensor(t), x,
+                            generator=torch.Generator().manual_seed(t))
+            expected = _philox_in_place_of_randn(want.prev_sample, theirs, t, x, t)
+            torch.testing.assert_close(out.prev_sample, expected, **tol)
+            torch.testing.assert_close(out.pred_original_sample, want.pred_original_sample, **tol)
+    assert fused_calls == ["ddpm_step"] * (8 + 6 + 6)  # every step above fused
+    ours = GenfastDDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type, **handling)
+    prev, x0 = ours.step(model_output, 0, x, return_dict=False)
+    assert torch.equal(prev, ours.step(model_output, 0, x).prev_sample) and x0.shape == x.shape
 
 
-def test_ddim_scheduler_matches_diffusers(backend):
+@pytest.mark.parametrize("handling", HANDLINGS, ids=("default", "range", "unclipped", "threshold"))
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddim_scheduler_matches_diffusers(backend, prediction_type, handling, fused_calls):
+    x, model_output, z = 1.5 * torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     for set_alpha_to_one in (True, False):
-        theirs = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                               set_alpha_to_one=set_alpha_to_one)
+        theirs = DDIMScheduler(num_train_timesteps=1000, set_alpha_to_one=set_alpha_to_one,
+                               prediction_type=prediction_type, **handling)
         ours = GenfastDDIMScheduler.from_config(theirs.config)
         theirs.set_timesteps(50)
         ours.set_timesteps(50)
-        x, eps, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-        for t in (980, 20, 0):  # t_prev = t − 20; the last step uses ᾱ = 1 or ᾱ_0
-            for eta in (0.0, 1.0):
-                want = theirs.step(eps, t, x, eta=eta, variance_noise=z)
-                out = ours.step(eps, t, x, eta=eta, variance_noise=z)
-                torch.testing.assert_close(out.prev_sample, want.prev_sample, atol=1e-4, rtol=1e-4)
-                torch.testing.assert_close(out.pred_original_sample, want.pred_original_sample, atol=1e-4,
-                                           rtol=1e-4)
+        for t, eta, use_clipped in itertools.product((980, 20, 0), (0.0, 1.0), (False, True)):
+            want = theirs.step(model_output, t, x, eta=eta, use_clipped_model_output=use_clipped, variance_noise=z)
+            out = ours.step(model_output, torch.tensor(t), x, eta=eta, use_clipped_model_output=use_clipped,
+                            variance_noise=z)
+            torch.testing.assert_close(out.prev_sample, want.prev_sample, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out.pred_original_sample, want.pred_original_sample, atol=1e-4, rtol=1e-4)
+    assert fused_calls == ["ddim_step"] * 24
     # with a generator, the seed of genfast's in-kernel noise is drawn from it
-    out = ours.step(eps, 500, x, eta=1.0, generator=torch.Generator().manual_seed(1)).prev_sample
+    out = ours.step(model_output, 500, x, eta=1.0, generator=torch.Generator().manual_seed(1)).prev_sample
     schedule = ours.genfast_schedule(x.device)
-    assert torch.equal(out, genfast.ddim_step(eps, 500, 480, x, schedule, 1.0,
-                                              generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(out, genfast.ddim_step(model_output, 500, 480, x, schedule, 1.0, prediction_type=prediction_type,
+                                              generator=torch.Generator().manual_seed(1),
+                                              **{**dict(clip_sample=True), **handling}))
 
 
 def test_add_noise_matches_diffusers(backend):
@@ -254,32 +295,75 @@ def test_add_noise_matches_diffusers(backend):
         torch.testing.assert_close(ours.add_noise(x, noise, t), want, atol=1e-5, rtol=1e-5)
 
 
-def test_schedulers_fall_back_to_diffusers_for_uncovered_configurations():
-    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    for config in (dict(prediction_type="v_prediction", clip_sample=False), dict(clip_sample=True),
-                   dict(variance_type="fixed_large", clip_sample=False), dict(thresholding=True, clip_sample=False),
-                   dict(rescale_betas_zero_snr=True, clip_sample=False)):
-        theirs = DDPMScheduler(num_train_timesteps=100, **config)
+def test_the_configurations_on_each_side(fused_calls):
+    """DDPM: 3 prediction types × 3 x̂₀ handlings (clip, none, thresholding) × 6 variance types = 54 configurations:
+    the 27 with variance fixed_small, fixed_small_log or fixed_large run the fused step, the 27 with fixed_large_log,
+    learned or learned_range diffusers' own, and return diffusers' results exactly. DDIM: 3 × 3 × eta (0, 1, 1.5) ×
+    use_clipped_model_output (2) = 54: the 36 with eta ≤ 1 fused, the 18 with eta = 1.5 diffusers'."""
+    x, model_output = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    handlings = (dict(), dict(clip_sample=False), dict(thresholding=True, sample_max_value=1.5))
+    sides = {"fused": 0, "diffusers": 0}
+    for prediction_type, handling, variance_type in itertools.product(
+            PREDICTIONS, handlings, ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
+                                     "learned_range")):
+        theirs = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type, variance_type=variance_type,
+                               **handling)
         ours = GenfastDDPMScheduler.from_config(theirs.config)
-        for t in (99, 5):
-            want = theirs.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
-            got = ours.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
-            assert torch.equal(got, want), config
-    # DDPM with fewer inference steps jumps t → t − 10: diffusers' step
-    theirs, ours = DDPMScheduler(num_train_timesteps=100), GenfastDDPMScheduler(num_train_timesteps=100)
-    theirs.set_timesteps(10)
-    ours.set_timesteps(10)
-    t = int(ours.timesteps[3])
-    assert torch.equal(ours.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample,
-                       theirs.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+        before = len(fused_calls)
+        # a learned variance comes as C more channels of the model output
+        output = torch.cat([model_output, model_output]) if variance_type.startswith("learned") else model_output
+        output = output.view(2, -1, 4, 4)
+        got = ours.step(output, 50, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        if len(fused_calls) > before:
+            sides["fused"] += 1
+        else:
+            sides["diffusers"] += 1
+            want = theirs.step(output, 50, x, generator=torch.Generator().manual_seed(0)).prev_sample
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # fixed_large_log: NaN
+    assert sides == {"fused": 27, "diffusers": 27}
+    sides = {"fused": 0, "diffusers": 0}
+    for prediction_type, handling, eta, use_clipped in itertools.product(PREDICTIONS, handlings, (0.0, 1.0, 1.5),
+                                                                         (False, True)):
+        theirs = DDIMScheduler(num_train_timesteps=100, prediction_type=prediction_type, **handling)
+        ours = GenfastDDIMScheduler.from_config(theirs.config)
+        theirs.set_timesteps(10)
+        ours.set_timesteps(10)
+        before = len(fused_calls)
+        noise = torch.randn(x.shape)
+        got = ours.step(model_output, 50, x, eta=eta, use_clipped_model_output=use_clipped, variance_noise=noise)
+        side = "fused" if len(fused_calls) > before else "diffusers"
+        sides[side] += 1
+        if side == "diffusers":
+            want = theirs.step(model_output, 50, x, eta=eta, use_clipped_model_output=use_clipped,
+                               variance_noise=noise)
+            assert torch.equal(got.prev_sample, want.prev_sample)
+    assert sides == {"fused": 36, "diffusers": 18}
+
+
+def test_schedulers_fall_back_to_diffusers_for_uncovered_calls(fused_calls):
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    # a zero-SNR schedule (β_T = 1), a learned variance's 2·C channels, a list of generators: diffusers' step
+    theirs = DDPMScheduler(num_train_timesteps=100, rescale_betas_zero_snr=True)
+    ours = GenfastDDPMScheduler.from_config(theirs.config)
+    assert torch.equal(ours.step(eps, 99, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                       theirs.step(eps, 99, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    t = torch.tensor([99, 3])  # add_noise of that schedule: diffusers' code
+    assert torch.equal(ours.add_noise(x, eps, t), theirs.add_noise(x, eps, t))
+    theirs = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
+    ours = GenfastDDPMScheduler.from_config(theirs.config)
+    both = torch.randn(2, 6, 4, 4)
+    assert torch.equal(ours.step(both, 50, x, generator=torch.Generator().manual_seed(0)).prev_sample,
+                       theirs.step(both, 50, x, generator=torch.Generator().manual_seed(0)).prev_sample)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    ours = GenfastDDPMScheduler(num_train_timesteps=100)
+    ours.step(eps, 50, x, generator=generators)
+    assert fused_calls == []
+    # the defaults fuse
+    ours.step(eps, 50, x)
+    assert fused_calls == ["ddpm_step"]
     # DDIM without set_timesteps: diffusers' own error
     with pytest.raises(ValueError, match="set_timesteps"):
         GenfastDDIMScheduler().step(eps, 10, x)
-    # add_noise of a zero-SNR schedule (β_T = 1): diffusers' code
-    theirs = DDPMScheduler(num_train_timesteps=100, rescale_betas_zero_snr=True)
-    ours = GenfastDDPMScheduler.from_config(theirs.config)
-    t = torch.tensor([99, 3])
-    assert torch.equal(ours.add_noise(x, eps, t), theirs.add_noise(x, eps, t))
 
 
 def test_missing_diffusers_raises_an_import_error_naming_the_extra(monkeypatch):

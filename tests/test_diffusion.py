@@ -1,7 +1,7 @@
 """Diffusion, schedule and noising: NoiseSchedule tables vs closed forms, q_sample (every backend vs the textbook
 formula in float64, the kernels vs the reference, forward and backward, every layout and odd size), the fused
-ε-prediction loss vs the unfused formula, the noise-MSE op, the shared Philox stream, opcheck, gradcheck,
-torch.compile and argument validation. The DDPM / DDIM steps are in test_diffusion_steps.py."""
+loss of every prediction type (ε, v, x₀) vs the unfused formula, the target-MSE op, the shared Philox stream,
+opcheck, gradcheck, torch.compile and argument validation. The DDPM / DDIM steps are in test_diffusion_steps.py."""
 import math
 
 import pytest
@@ -10,7 +10,8 @@ from torch import nn
 
 import genfast
 from backends import skip_unless_usable
-from diffusion_cases import (CASES, DTYPES, OP_LAYOUTS, Q_TABLES, SCHEDULE, SEED, T, TinyEpsModel,
+from diffusion_cases import (CASES, DTYPES, OP_LAYOUTS, PREDICTION_TYPES, Q_TABLES, SCHEDULE, SEED, T,
+                             TinyEpsModel, textbook_target,
                              check_forward_backward, closed_form, compare_compiled, compile_setup, mse_backward_op,
                              mse_op, op_sample, op_shapes, q_sample_backward_op, q_sample_op, randn,
                              skip_unless_op_layout, tables, textbook_q_sample, timesteps, unfused_loss)
@@ -206,10 +207,10 @@ def test_large_batch_launches_in_slices(monkeypatch):
     def run():
         return (kernels.q_sample(x0, t, None, seed, SCHEDULE.sqrt_alphas_cumprod,
                                  SCHEDULE.sqrt_one_minus_alphas_cumprod),
-                kernels.ddpm_step(mo, t, x0, noise, None, SCHEDULE.sqrt_alphas_cumprod,
-                                  SCHEDULE.sqrt_one_minus_alphas_cumprod, SCHEDULE.posterior_mean_coef1,
-                                  SCHEDULE.posterior_mean_coef2, SCHEDULE.posterior_variance),
-                kernels.noise_mse(mo, seed))
+                kernels.ddpm_step(mo, t, None, x0, noise, None, None, SCHEDULE.alphas_cumprod,
+                                  SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, "epsilon",
+                                  "fixed_small", 1.0),
+                kernels.target_mse(mo, seed, x0, t, *tables(*Q_TABLES), "v_prediction"))
 
     whole = run()
     monkeypatch.setattr(per_sample, "MAX_GRID_SAMPLES", 2)
@@ -225,26 +226,29 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, layout", [((2, 3, 5, 7), "contiguous"), ((2, 3, 5, 7), "channels_last"),
                                            ((2, 3, 20, 20), "strided"), ((1, 1, 1, 1), "contiguous"),
                                            ((3, 37), "contiguous")])
-def test_diffusion_loss_matches_unfused(backend, shape, layout, dtype):
+def test_diffusion_loss_matches_unfused(backend, shape, layout, dtype, prediction_type):
     model = TinyEpsModel(shape, dtype)
     x0 = randn(shape, dtype, layout).requires_grad_()
     t = timesteps(shape[0])
     tensors = [x0, model.w, model.emb]
-    loss = genfast.diffusion_loss(model, x0, SCHEDULE, t=t, generator=torch.Generator().manual_seed(4))
+    loss = genfast.diffusion_loss(model, x0, SCHEDULE, t=t, prediction_type=prediction_type,
+                                  generator=torch.Generator().manual_seed(4))
     assert loss.dim() == 0 and loss.dtype == torch.float32
     got = _grads(loss, tensors)
     # the noise the fused loss used: the generator's seed, the stream in (batch-major) x0's layout
     seed = draw_seed(x0.device, torch.Generator().manual_seed(4))
     noise = noise_like(batch_major(x0.detach()), seed)
-    want_loss = unfused_loss(model, x0, t, noise)
+    want_loss = unfused_loss(model, x0, t, noise, prediction_type)
     expected = [(want_loss.detach(), _grads(want_loss, tensors), 0.0)]
     if backend != "reference":  # the same seed: the same noise within NOISE_ATOL (x_t may differ by one ulp)
         with genfast.use_backend("reference"):
-            loss_ref = genfast.diffusion_loss(model, x0, SCHEDULE, t=t, generator=torch.Generator().manual_seed(4))
+            loss_ref = genfast.diffusion_loss(model, x0, SCHEDULE, t=t, prediction_type=prediction_type,
+                                              generator=torch.Generator().manual_seed(4))
         expected.append((loss_ref.detach(), _grads(loss_ref, tensors), 4.0))
     for want_loss, want, noise_scale in expected:
         assert_close(loss, want_loss, dtype, noise_scale=noise_scale)
@@ -265,45 +269,53 @@ def test_diffusion_loss_draws_t_then_seed(backend):
     assert_close(loss, unfused_loss(model, x0, t, noise_like(x0, seed)).detach())
 
 
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_noise_mse_op_matches_reference(kernel_backend, dtype):
-    """The loss op alone, a sample of two blocks: fp32 partial sums in a fixed order vs the reference's sum."""
-    eps_hat, seed = randn((3, 1100), dtype), torch.tensor([5, 6])
+def test_target_mse_op_matches_reference(kernel_backend, dtype, prediction_type):
+    """The loss op alone, a sample of two blocks: fp32 partial sums in a fixed order vs the reference's sum, and
+    the reference vs the float64 textbook target."""
+    output, x0, seed = randn((3, 1100), dtype), randn((3, 1100), dtype), torch.tensor([5, 6])
+    t = timesteps(3)
     backends = ("reference", kernel_backend)
-    loss = {b: mse_op(eps_hat, seed, b) for b in backends}
-    grad = {b: mse_backward_op(torch.tensor(1.5), eps_hat, seed, b) for b in backends}
+    loss = {b: mse_op(output, seed, x0, t, *tables(*Q_TABLES), prediction_type, b) for b in backends}
+    grad = {b: mse_backward_op(torch.tensor(1.5), output, seed, x0, t, *tables(*Q_TABLES), prediction_type, b)
+            for b in backends}
     assert loss[kernel_backend].dtype == torch.float32
     assert_close(loss[kernel_backend], loss["reference"], torch.float32)
     assert_grads_close(grad[kernel_backend], grad["reference"], dtype)
-    noise = noise_like(eps_hat, seed).double()
-    assert_close(loss["reference"], (eps_hat.double() - noise).square().mean(), torch.float32)
-    assert_grads_close(grad["reference"], 1.5 * 2 * (eps_hat.double() - noise) / eps_hat.numel(), dtype)
+    error = output.double() - textbook_target(x0, t, noise_like(output, seed), prediction_type)
+    assert_close(loss["reference"], error.square().mean(), torch.float32)
+    assert_grads_close(grad["reference"], 1.5 * 2 * error / output.numel(), dtype)
 
 
 @pytest.mark.parametrize("layout", OP_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_noise_mse_op_layouts(kernel_backend, dtype, layout):
-    """The kernels' noise MSE called directly on every layout and odd size, against the reference on the dense
-    copy (which defines a non-dense input's noise stream)."""
+def test_target_mse_op_layouts(kernel_backend, dtype, layout):
+    """The kernels' MSE called directly on every layout and odd size (the v target, which reads ε and x₀), against
+    the reference on the dense copies (which define a non-dense input's noise stream)."""
     skip_unless_op_layout(kernel_backend, layout)
     ops = implementation(kernel_backend, OP)
     for shape in op_shapes(kernel_backend):
-        eps_hat = op_sample(shape, dtype, layout)
-        dense = batch_major(eps_hat)
-        loss = ops.noise_mse(eps_hat, SEED)
+        output, x0 = op_sample(shape, dtype, layout), op_sample(shape, dtype, layout)
+        t = timesteps(shape[0])
+        dense = batch_major(output), batch_major(x0)
+        loss = ops.target_mse(output, SEED, x0, t, *tables(*Q_TABLES), "v_prediction")
         assert loss.dtype == torch.float32 and loss.dim() == 0
-        torch.testing.assert_close(loss, ref.noise_mse(dense, SEED), atol=4 * NOISE_ATOL, rtol=2e-5)
-        grad = ops.noise_mse_backward(torch.tensor(1.7), eps_hat, SEED)
-        assert grad.stride() == dense.stride()
-        assert_grads_close(grad, ref.noise_mse_backward(torch.tensor(1.7), dense, SEED),
-                           noise_scale=2 * 1.7 / eps_hat.numel())
+        torch.testing.assert_close(loss, ref.target_mse(*dense[:1], SEED, dense[1], t, *tables(*Q_TABLES),
+                                                        "v_prediction"), atol=4 * NOISE_ATOL, rtol=2e-5)
+        grad = ops.target_mse_backward(torch.tensor(1.7), output, SEED, x0, t, *tables(*Q_TABLES), "v_prediction")
+        assert grad.stride() == dense[0].stride()
+        assert_grads_close(grad, ref.target_mse_backward(torch.tensor(1.7), dense[0], SEED, dense[1], t,
+                                                         *tables(*Q_TABLES), "v_prediction"),
+                           noise_scale=2 * 1.7 / output.numel())
 
 
-def test_noise_mse_of_an_empty_tensor_is_nan(backend):
+def test_target_mse_of_an_empty_tensor_is_nan(backend):
     """The mean of no elements is NaN, as torch.mean's; its gradient is empty."""
-    eps_hat = torch.zeros(0, 3)
-    assert mse_op(eps_hat, SEED, backend).isnan()
-    assert mse_backward_op(torch.tensor(1.0), eps_hat, SEED, backend).shape == (0, 3)
+    output, t = torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64)
+    assert mse_op(output, SEED, None, t, *tables(*Q_TABLES), "epsilon", backend).isnan()
+    grad = mse_backward_op(torch.tensor(1.0), output, SEED, None, t, *tables(*Q_TABLES), "epsilon", backend)
+    assert grad.shape == (0, 3)
 
 
 # ---- empty batches ----------------------------------------------------------------------------------------------
@@ -332,8 +344,12 @@ def test_opcheck(backend, noise_kind):
     seed = torch.tensor([11, 12]) if noise_kind == "philox" else None
     torch.library.opcheck(q_sample_op, (x, t, noise, seed, *tables(*Q_TABLES), backend))
     if noise_kind == "philox":
-        torch.library.opcheck(mse_op, (eps_hat, seed, backend))
-        torch.library.opcheck(mse_backward_op, (torch.tensor(2.0), eps_hat.detach(), seed, backend))
+        for prediction_type in PREDICTION_TYPES:
+            target_x0 = None if prediction_type == "epsilon" else x.detach()
+            torch.library.opcheck(mse_op, (eps_hat, seed, target_x0, t, *tables(*Q_TABLES), prediction_type,
+                                           backend))
+            torch.library.opcheck(mse_backward_op, (torch.tensor(2.0), eps_hat.detach(), seed, target_x0, t,
+                                                    *tables(*Q_TABLES), prediction_type, backend))
     else:
         torch.library.opcheck(q_sample_backward_op, (randn((2, 3, 5)), t, *tables(*Q_TABLES), backend))
 
@@ -345,12 +361,13 @@ def test_gradcheck_float64():
     with genfast.use_backend("reference"):
         assert torch.autograd.gradcheck(lambda x: genfast.q_sample(x, t, SCHEDULE, noise), (x,))
 
-        def loss(x, w):
+        def loss(x, w, prediction_type):
             return genfast.diffusion_loss(lambda x_t, _: torch.tanh(x_t * w), x, SCHEDULE, t=t,
-                                          generator=torch.Generator().manual_seed(2))
+                                          prediction_type=prediction_type, generator=torch.Generator().manual_seed(2))
 
         w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(loss, (x, w))
+        for prediction_type in PREDICTION_TYPES:  # x enters v's and x₀'s target too
+            assert torch.autograd.gradcheck(lambda x, w: loss(x, w, prediction_type), (x, w))
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------------------
@@ -375,9 +392,10 @@ def test_compile_diffusion_loss(compile_setup):
 
     def fn(x0):
         loss = genfast.diffusion_loss(model, x0, SCHEDULE)
-        return loss.detach(), *torch.autograd.grad(loss, (x0, model.w, model.emb))
+        v_loss = genfast.diffusion_loss(model, x0, SCHEDULE, prediction_type="v_prediction")
+        return loss.detach(), v_loss.detach(), *torch.autograd.grad(loss + v_loss, (x0, model.w, model.emb))
 
-    compare_compiled(fn, x0, values=1)
+    compare_compiled(fn, x0, values=2)
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
@@ -409,6 +427,8 @@ T2 = torch.tensor([1, 2])
     (lambda: genfast.diffusion_loss(lambda x, t: x.long(), X, SCHEDULE), TypeError, r"model\(x_t, t\)"),
     (lambda: genfast.diffusion_loss(lambda x, t: x, X, SCHEDULE, t=torch.tensor([0, 50])), ValueError, "t must"),
     (lambda: genfast.diffusion_loss(lambda x, t: x, X.long(), SCHEDULE), TypeError, "x0"),
+    (lambda: genfast.diffusion_loss(lambda x, t: x, X, SCHEDULE, prediction_type="v"), ValueError,
+     "prediction_type must be one of 'epsilon', 'v_prediction', 'sample'"),
 ])
 def test_validation(backend, call, error, match):
     with pytest.raises(error, match=match):

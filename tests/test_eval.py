@@ -102,3 +102,23 @@ def test_genfast_eval_writes_eval_json_and_prints_a_table(tmp_path, tiny_feature
     assert result["run"]["ema"] == 0.9 and result["run"]["step"] == 2
     assert f"{result['fid']:.4f}" in table
     assert (out / "samples.png").is_file()
+
+
+def test_genfast_eval_of_a_ddpm_samples_with_the_runs_x0_settings_or_the_flags(tmp_path, tiny_feature_net):
+    run = tmp_path / "run"
+    assert main(["train", "ddpm", "--num-samples", "32", "--image-size", "32", "--base-channels", "32",
+                 "--channel-mult", "1", "2", "--num-res-blocks", "1", "--timesteps", "10", "--sample-steps", "2",
+                 "--batch-size", "8", "--max-steps", "1", "--prediction-type", "v_prediction", "--backend",
+                 "reference", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
+    common = ["--checkpoint", str(run / "checkpoint.pt"), "--num", "8", "--backend", "reference", "--device", "cpu",
+              "--quiet"]
+    assert main(["eval", *common, "--out", str(tmp_path / "default")]) == 0
+    result = json.loads((tmp_path / "default" / "eval.json").read_text())
+    assert result["run"]["prediction_type"] == "v_prediction"
+    assert result["run"]["sampling"] == dict(clip_sample=True, thresholding=False, dynamic_thresholding_ratio=0.995,
+                                             sample_max_value=1.0)
+    assert main(["eval", *common, "--out", str(tmp_path / "flags"), "--no-clip-sample", "--thresholding",
+                 "--dynamic-thresholding-ratio", "0.9", "--sample-max-value", "2"]) == 0
+    result = json.loads((tmp_path / "flags" / "eval.json").read_text())
+    assert result["run"]["sampling"] == dict(clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.9,
+                                             sample_max_value=2.0)

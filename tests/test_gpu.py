@@ -184,7 +184,8 @@ def test_past_two_to_the_31_elements():
 # ---- every op: batches past the grid limit, two runs, torch.compile ---------------------------------------------
 
 OP_MODULES = {"reparameterize_kl": "reparameterize", "q_sample": "diffusion", "diffusion_loss": "diffusion",
-              "ddpm_step": "diffusion", "ddim_step": "diffusion", "gradient_penalty": "gradient_penalty",
+              "ddpm_step": "diffusion", "ddim_step": "diffusion", "ddim_step thresholded": "diffusion",
+              "gradient_penalty": "gradient_penalty",
               "group_norm_silu": "group_norm_silu"}
 # (backend, op) for every kernel backend with CUDA kernels for the op
 KERNEL_OPS = [(backend, name) for name in OP_MODULES for backend in _gpu_backends(OP_MODULES[name])]
@@ -207,6 +208,9 @@ def _op_calls(batch: int) -> dict:
                                                                            generator=g),)),
         "ddpm_step": ((x, y), lambda e, a, g: (genfast.ddpm_step(e, t, a, schedule, generator=g),)),
         "ddim_step": ((x, y), lambda e, a, g: (genfast.ddim_step(e, t, t - 20, a, schedule, 1.0, generator=g),)),
+        "ddim_step thresholded": ((x, y), lambda e, a, g: (genfast.ddim_step(
+            e, t, t - 20, a, schedule, 1.0, prediction_type="v_prediction", thresholding=True, sample_max_value=1.5,
+            generator=g),)),
         "gradient_penalty": ((x, y), lambda a, b, g: (genfast.gradient_penalty(_critic(w), a, b, generator=g),)),
         "group_norm_silu": ((x, y[:, :, 0]), lambda a, e, g: (genfast.group_norm_silu(a, 8, add=e),)),
     }

@@ -71,6 +71,12 @@ def every_op():
         ("ddim_step", lambda: backward(genfast.ddim_step(eps, t, t_prev, x0, SCHEDULE))),
         ("ddim_step eta", lambda: backward(genfast.ddim_step(eps, 30, -1, x0, SCHEDULE, eta=0.5))),
         ("ddim_step eta tensor t", lambda: backward(genfast.ddim_step(eps, t, t_prev, x0, SCHEDULE, eta=1.0))),
+        ("ddpm_step thresholded, t_prev", lambda: backward(genfast.ddpm_step(
+            eps, t, x0, SCHEDULE, t_prev=t_prev - 1, prediction_type="v_prediction", thresholding=True,
+            sample_max_value=1.5))),
+        ("ddim_step unclipped", lambda: backward(genfast.ddim_step(eps, t, t_prev, x0, SCHEDULE, clip_sample=False))),
+        ("diffusion_loss v_prediction", lambda: backward(genfast.diffusion_loss(
+            lambda x_t, t: scale * x_t, x0, SCHEDULE, prediction_type="v_prediction"))),
         ("gradient_penalty", lambda: backward(genfast.gradient_penalty(
             lambda v: (scale * v.square()).flatten(1).sum(1), x0, eps.detach()))),
     ]
@@ -246,6 +252,7 @@ def test_every_op_runs_on_the_second_gpu_without_set_device(name):
             q_sample=lambda: genfast.q_sample(x, t, schedule),
             ddpm_step=lambda: genfast.ddpm_step(x, t, x, schedule),
             ddim_step=lambda: genfast.ddim_step(x, t, t - 2, x, schedule, eta=0.5),
+            ddim_step_thresholded=lambda: genfast.ddim_step(x, t, t - 2, x, schedule, thresholding=True),
             diffusion_loss=lambda: genfast.diffusion_loss(lambda x_t, t: 0.5 * x_t, x, schedule),
             gradient_penalty=lambda: genfast.gradient_penalty(lambda v: v.square().flatten(1).sum(1), x, x + 1),
         )

@@ -1,5 +1,7 @@
 """Latent diffusion: the spatial-latent VAE, the LatentDiffusion model, `genfast train/sample/eval ldm`, and the
 wall-clock budget of a run (--max-seconds)."""
+import json
+
 import pytest
 import torch
 
@@ -60,8 +62,8 @@ def test_latent_diffusion_scales_trains_only_the_unet_and_decodes():
     first = model.sample(2, sampler="ddim", steps=3, noise=x_t)
     assert first.shape == (2, 3, 32, 32) and 0 <= first.min() and first.max() <= 1
     assert torch.equal(first, model.sample(2, sampler="ddim", steps=3, noise=x_t))  # x_T → image is deterministic
-    latents = model.ddpm.sample(2, sampler="ddim", steps=3, noise=x_t, clip=False)
-    assert latents.abs().max() > 1  # latents are not clamped to the image range
+    latents = model.ddpm.sample(2, sampler="ddim", steps=3, noise=x_t, clip_sample=False)
+    assert latents.abs().max() > 1  # latents are not clipped to the image range (as Stable Diffusion's)
     assert torch.equal(first, model.decode(latents))
 
 
@@ -110,7 +112,30 @@ def test_train_ldm_resumes_exactly_samples_and_evaluates(tmp_path, tiny_feature_
     assert (tmp_path / "samples" / "samples.png").is_file()
     assert main(["eval", "--checkpoint", str(tmp_path / "straight" / "checkpoint.pt"), "--num", "8", "--out",
                  str(tmp_path / "eval"), "--backend", "reference", "--device", "cpu", "--quiet"]) == 0
-    assert (tmp_path / "eval" / "eval.json").is_file()
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["run"]["sampling"]["clip_sample"] is False  # latents are never clipped
+    assert straight["config"]["clip_sample"] is False and straight["config"]["lr_warmup"] == 500
+
+
+def test_latent_diffusion_refuses_to_clip_its_latents(tmp_path, capsys):
+    """Latent diffusion does not clip x̂₀ (as Stable Diffusion): `train ldm` and `sample ldm` have no x̂₀ flags,
+    `eval` refuses them for an ldm checkpoint, and so does the Python API."""
+    from genfast.training import RunConfig, UsageError
+
+    for argv in (["train", "ldm", "--out", str(tmp_path / "x"), "--clip-sample"],
+                 ["sample", "ldm", "--checkpoint", "x.pt", "--out", str(tmp_path / "x"), "--thresholding"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and err.count("\n") == 1, err
+    vae = _spatial_vae(tmp_path / "vae")
+    assert _train_ldm(vae, tmp_path / "ldm", "--max-steps", "1") == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "ldm" / "checkpoint.pt"), "--num", "8", "--out",
+                 str(tmp_path / "eval"), "--clip-sample", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--clip-sample: the x̂₀ settings apply to pixel-space ddpm checkpoints, this is a ldm" in err
+    assert err.count("\n") == 1 and not (tmp_path / "eval").exists()
+    with pytest.raises(UsageError, match="latent diffusion does not clip"):
+        RunConfig(model="ldm", out="x", vae=str(vae), thresholding=True).check()
 
 
 def test_ldm_errors_are_one_line(tmp_path, capsys):

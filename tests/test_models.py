@@ -5,6 +5,7 @@ import torch
 
 import genfast
 from genfast.models import DDPM, ConvVAE, Critic, Generator, UNet
+from genfast.models.unet import ResBlock, timestep_embedding
 
 
 @pytest.fixture(autouse=True)
@@ -178,6 +179,55 @@ def test_unet_starts_at_zero_and_depends_on_the_timestep():
     assert (a - b).abs().max() > 1e-3
 
 
+def _t_blind_blocks(unet: UNet, t: tuple[int, int] = (0, 999), rtol: float = 1e-3) -> list[str]:
+    """The ResBlocks of ``unet`` whose output does not depend on the timestep: each block is run on the input it
+    receives for t[0] (recorded by a hook), once with t[0]'s embedding and once with t[1]'s, so that a block is
+    judged by what it does with the embedding, not by what the blocks before it did. conv2 (zero-initialised, which
+    makes every block the identity at first) gets random weights."""
+    torch.manual_seed(0)
+    blocks = {name: m for name, m in unet.named_modules() if isinstance(m, ResBlock)}
+    for block in blocks.values():
+        torch.nn.init.normal_(block.conv2.weight, std=0.1)
+    inputs = {}
+
+    def record(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, args)  # the first call's (a hook that returns something replaces the output)
+        return hook
+
+    hooks = [block.register_forward_hook(record(name)) for name, block in blocks.items()]
+    x = torch.randn(2, unet.in_channels, unet.image_size, unet.image_size)
+    with torch.no_grad():
+        unet(x, torch.full((2,), t[0]))
+        for hook in hooks:
+            hook.remove()
+        other = unet.time_mlp(timestep_embedding(torch.full((2,), t[1]), unet.base_channels))
+        blind = []
+        for name, block in blocks.items():
+            h, emb = inputs[name]
+            a, b = block(h, emb), block(h, other)
+            if not (a - b).norm() > rtol * a.norm():
+                blind.append(f"{name} ({block.conv1.out_channels} channels)")
+    return blind
+
+
+@pytest.mark.parametrize("config", [
+    dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1),  # the small CPU config
+    dict(image_size=16, base_channels=64, channel_mult=(1, 2), num_res_blocks=1),  # the default width
+    dict(image_size=16, base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=2, num_groups=16),
+], ids=["32-64-64", "64-128", "16-32-64"])
+def test_every_residual_block_sees_the_timestep(config):
+    """The time embedding reaches every ResBlock's output, at every width. With the embedding added before a
+    GroupNorm whose groups hold one channel each (Ho et al.'s add, 32 groups of a 32-channel block), the norm
+    subtracts it again exactly: the block cannot see t. The default (ADM's scale-shift after the norm) can."""
+    unet = UNet(**config, attention_resolutions=())
+    assert _t_blind_blocks(unet) == []
+    old = UNet(**config, attention_resolutions=(), scale_shift=False)  # the default before issue 22
+    widths = {config["base_channels"] * m for m in config["channel_mult"]}
+    one_channel_groups = config.get("num_groups", 32) in widths
+    assert bool(_t_blind_blocks(old)) == one_channel_groups  # the test sees the old configuration's blind blocks
+
+
 def test_unet_channels_last_input_matches_contiguous():
     unet = _tiny_unet(scale_shift=True)
     for module in unet.modules():
@@ -220,6 +270,69 @@ def test_ddpm_sample_shapes(sampler, steps, eta):
     torch.testing.assert_close(images, again)
 
 
+def _far_off_ddpm(prediction_type="epsilon", **unet):
+    """A DDPM whose untrained network's output is far off, so that x̂₀ leaves [-1, 1]."""
+    model = DDPM(unet=_tiny_unet(in_channels=1, **unet), schedule=genfast.NoiseSchedule.linear(10),
+                 prediction_type=prediction_type)
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=1.0)
+    torch.nn.init.constant_(model.unet.conv_out.bias, 2.0)
+    return model
+
+
+def _manual_loop(model, sampler, steps, generator, **settings):
+    """model.sample's loop written out with the public steps, each given ``settings``."""
+    x = torch.randn(3, 1, 16, 16, generator=generator)
+    timesteps = model._timesteps(sampler, steps)
+    for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
+        output = model.unet(x, torch.full((3,), t))
+        if sampler == "ddpm":
+            x = genfast.ddpm_step(output, t, x, model.schedule, generator=generator,
+                                  prediction_type=model.prediction_type, **settings)
+        else:
+            x = genfast.ddim_step(output, t, t_prev, x, model.schedule, generator=generator,
+                                  prediction_type=model.prediction_type, **settings)
+    return x
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 4)])
+def test_ddpm_sample_clips_x0_in_every_step_like_diffusers(sampler, steps):
+    """By default each step clips x̂₀ to [-1, 1] (diffusers' clip_sample=True), so the samples, the last step's
+    x̂₀, are images; clip_sample=False leaves them unbounded; thresholding replaces the clipping."""
+    model = _far_off_ddpm()
+
+    def sample(**settings):
+        return model.sample(3, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0), **settings)
+
+    clipped, raw = sample(), sample(clip_sample=False)
+    assert clipped.abs().max() <= 1 and raw.abs().max() > 2
+    torch.testing.assert_close(clipped, _manual_loop(model, sampler, steps, torch.Generator().manual_seed(0),
+                                                     clip_sample=True))
+    torch.testing.assert_close(raw, _manual_loop(model, sampler, steps, torch.Generator().manual_seed(0),
+                                                 clip_sample=False))
+    settings = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
+    thresholded = sample(**settings)
+    assert thresholded.abs().max() <= 1 and not torch.equal(thresholded, clipped)
+    torch.testing.assert_close(thresholded, _manual_loop(model, sampler, steps, torch.Generator().manual_seed(0),
+                                                         **settings))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_prediction_type_sets_the_loss_target_and_the_steps(prediction_type):
+    model = _far_off_ddpm(prediction_type)
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    loss = model.loss(x0, generator=torch.Generator().manual_seed(1))
+    expected = genfast.diffusion_loss(model.unet, x0, model.schedule, prediction_type=prediction_type,
+                                      generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loss, expected)
+    if prediction_type != "epsilon":  # another target than ε: another loss
+        assert not torch.equal(loss, genfast.diffusion_loss(model.unet, x0, model.schedule,
+                                                            generator=torch.Generator().manual_seed(1)))
+    images = model.sample(3, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(images, _manual_loop(model, "ddim", 4, torch.Generator().manual_seed(0),
+                                                    clip_sample=True))
+    assert f"prediction_type='{prediction_type}'" in repr(model)
+
+
 def test_ddim_with_eta_zero_depends_only_on_the_generator():
     """DDIM with η = 0 never draws noise after x_T: a generator only fixes x_T."""
     model = DDPM(unet=_tiny_unet(), schedule=genfast.NoiseSchedule.linear(10))
@@ -236,6 +349,11 @@ def test_ddpm_defaults_and_bad_arguments():
     torch.testing.assert_close(model.schedule.betas[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
     with pytest.raises(TypeError, match="schedule"):
         DDPM(unet=_tiny_unet(), schedule="linear")
+    assert model.prediction_type == "epsilon"
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DDPM(unet=_tiny_unet(), prediction_type="x0")
+    with pytest.raises(TypeError, match="clip_sample must be a bool"):
+        model.sample(1, sampler="ddim", steps=2, clip_sample=1)
     with pytest.raises(ValueError, match="sampler must be one of"):
         model.sample(1, sampler="euler")
     with pytest.raises(ValueError, match="steps must be None or 1000"):

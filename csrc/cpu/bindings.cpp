@@ -5,6 +5,7 @@
 // torch.compile, export and opcheck see. The only file including the pybind11/Python headers.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/string_view.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -19,6 +20,8 @@ namespace {
 using at::Tensor;
 using Opt = std::optional<at::Tensor>;
 using Pair = std::tuple<Tensor, Tensor>;
+using Str = c10::string_view;  // a schema's str (pybind11 passes a Python str's UTF-8 buffer)
+using OptFloat = std::optional<double>;
 
 // Defines ``name`` on ``m`` as the typed call of genfast::<name>: ``typed`` checks Sig against the schema and the
 // kernels' C++ signatures when the module loads. The GIL is released for the call, as torch.ops does.
@@ -111,16 +114,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   Entry<Tensor(const Tensor&, const Tensor&, const Opt&, const Opt&, const Tensor&, const Tensor&)>::def(
       m, "cpp_q_sample");
   Entry<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>::def(m, "cpp_q_sample_backward");
-  Entry<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, const Tensor&, const Tensor&,
-               const Tensor&, const Tensor&, const Tensor&)>::def(m, "cpp_ddpm_step");
-  Entry<Pair(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-             const Tensor&)>::def(m, "cpp_ddpm_step_backward");
-  Entry<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, double,
-               const Tensor&, const Tensor&, const Tensor&)>::def(m, "cpp_ddim_step");
-  Entry<Pair(const Tensor&, const Tensor&, const Tensor&, double, const Tensor&, const Tensor&, const Tensor&)>::def(
-      m, "cpp_ddim_step_backward");
-  Entry<Tensor(const Tensor&, const Tensor&)>::def(m, "cpp_noise_mse");
-  Entry<Tensor(const Tensor&, const Tensor&, const Tensor&)>::def(m, "cpp_noise_mse_backward");
+  Entry<Tensor(const Tensor&, const Tensor&, const Opt&, const Tensor&, const Opt&, const Opt&, const Opt&,
+               const Tensor&, const Tensor&, const Tensor&, Str, Str, OptFloat)>::def(m, "cpp_ddpm_step");
+  Entry<Pair(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Opt&, const Tensor&,
+             const Tensor&, const Tensor&, Str, Str, OptFloat)>::def(m, "cpp_ddpm_step_backward");
+  Entry<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, const Opt&, const Opt&,
+               const Tensor&, const Tensor&, const Tensor&, double, Str, bool, OptFloat)>::def(m, "cpp_ddim_step");
+  Entry<Pair(const Tensor&, const Opt&, const Opt&, const Opt&, const Tensor&, const Tensor&, const Tensor&,
+             const Tensor&, const Tensor&, double, Str, bool, OptFloat)>::def(m, "cpp_ddim_step_backward");
+  Entry<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Str, double, double)>::def(
+      m, "cpp_dynamic_threshold");
+  Entry<Tensor(const Tensor&, const Tensor&, const Opt&, const Tensor&, const Tensor&, const Tensor&, Str)>::def(
+      m, "cpp_target_mse");
+  Entry<Tensor(const Tensor&, const Tensor&, const Tensor&, const Opt&, const Tensor&, const Tensor&, const Tensor&,
+               Str)>::def(m, "cpp_target_mse_backward");
   Entry<Tensor(const Tensor&, const Tensor&, const Tensor&)>::def(m, "cpp_interpolate");
   Entry<Pair(const Tensor&, const Tensor&, bool, bool)>::def(m, "cpp_interpolate_backward");
   Entry<Pair(const Tensor&, double)>::def(m, "cpp_gradient_norm_penalty");

@@ -8,8 +8,9 @@
   :class:`genfast.nn.GroupNormSiLU`; ``AutoencoderKL.encode`` returns a posterior whose ``sample`` is the fused
   :func:`genfast.reparameterize` with in-kernel noise.
 - :class:`GenfastDDPMScheduler` / :class:`GenfastDDIMScheduler`: ``add_noise`` and ``step`` run the fused
-  :func:`genfast.q_sample` / :func:`genfast.ddpm_step` / :func:`genfast.ddim_step`, and fall back to diffusers' own
-  code for the configurations those ops do not cover.
+  :func:`genfast.q_sample` / :func:`genfast.ddpm_step` / :func:`genfast.ddim_step` — diffusers' defaults included
+  (ε-prediction with x̂₀ clipped), and v-prediction, sample prediction, dynamic thresholding — and fall back to
+  diffusers' own code for the configurations those ops do not cover (each class's docstring lists them).
 
 Needs the ``diffusers`` extra: ``pip install "genfast[diffusers]"``.
 """
@@ -33,7 +34,9 @@ except ImportError as exc:  # not installed, or an install without these classes
         f'genfast.integrations.diffusers needs diffusers: pip install "genfast[diffusers]" ({exc})'
     ) from exc
 
-from ..ops.diffusion import ddim_step, ddpm_step, q_sample
+from ..composite import diffusion as composite
+from ..ops.diffusion import q_sample
+from ..ops.diffusion_steps import _x0_settings, ddim_step, ddpm_step, dynamic_threshold
 from ..ops.group_norm_silu import group_norm_silu
 from ..ops.reparameterize import reparameterize
 from ..patching import fusable_pair, fuse_pair, unfuse_pair
@@ -209,10 +212,15 @@ def revert_genfast(model: nn.Module) -> nn.Module:
 
 # ---- schedulers ------------------------------------------------------------------------------------------------
 
+# diffusers' DDPM variance types and the fused step's: "fixed_small_log" is fixed_small's σ computed as
+# exp(½·log σ²), the same value; "fixed_large_log" (NaN in diffusers' step for β < 1) and the learned variances fall
+# back to diffusers
+_FUSED_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+
 
 class _FusedSchedulerMixin:
-    """``add_noise`` on :func:`genfast.q_sample`, and the NoiseSchedule the fused steps index, built in float64
-    from the scheduler's ``betas`` once per device."""
+    """``add_noise`` on :func:`genfast.q_sample`, the NoiseSchedule the fused steps index (built in float64 from the
+    scheduler's ``betas`` once per device), and the x̂₀ settings of the config as the steps' keyword arguments."""
 
     def genfast_schedule(self, device: torch.device) -> Optional[NoiseSchedule]:
         """The :class:`genfast.NoiseSchedule` of ``self.betas`` on ``device``, or None when a β lies outside
@@ -225,34 +233,34 @@ class _FusedSchedulerMixin:
             cache[device] = NoiseSchedule(betas=betas).to(device) if valid else None
         return cache[device]
 
-    def _fused_timestep(self, timestep, sample: Tensor, schedule: NoiseSchedule):
-        """The timestep the fused step takes, or None for diffusers' step: a one-element integer tensor as (B,)
-        timesteps on the device, never read back (its range is checked by the op), when
-        :meth:`_tensor_timesteps_fuse`; else an int in [0, T) for which :meth:`_int_timestep_fuses`."""
-        if _timestep_tensor(timestep) and self._tensor_timesteps_fuse():
-            return _timestep_batch(timestep, sample)
-        t = _timestep_int(timestep)
-        return t if t is not None and 0 <= t < schedule.num_steps and self._int_timestep_fuses(t) else None
-
-    def _tensor_timesteps_fuse(self) -> bool:
-        return True
-
-    def _int_timestep_fuses(self, t: int) -> bool:
-        return True
-
-    def _fusable_prediction(self) -> bool:
+    def genfast_settings(self) -> Optional[dict]:
+        """The fused steps' keyword arguments for the config's ``prediction_type``, ``clip_sample`` (+ range) and
+        ``thresholding`` (+ ratio, max value), or None where the steps do not take them (an unknown prediction
+        type, a non-positive range)."""
         config = self.config
-        return config.prediction_type == "epsilon" and not config.thresholding and not config.clip_sample
+        settings = dict(prediction_type=config.prediction_type, clip_sample=bool(config.clip_sample),
+                        clip_sample_range=config.clip_sample_range, thresholding=bool(config.thresholding),
+                        dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+                        sample_max_value=config.sample_max_value)
+        try:
+            _x0_settings(**settings)
+        except (TypeError, ValueError):
+            return None
+        return settings
 
-    def _x0_from_eps(self, schedule: NoiseSchedule, t, sample: Tensor, model_output: Tensor) -> Tensor:
-        """pred_original_sample = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t, as diffusers returns it next to prev_sample; ``t`` an
-        int or a (B,) tensor, the coefficients gathered on the device (nothing is read back)."""
-        def coefficient(table: Tensor) -> Tensor:
-            value = table[t] if isinstance(t, int) else table[t].view((-1,) + (1,) * (sample.dim() - 1))
-            return value.to(sample.dtype)
-
-        return ((sample - coefficient(schedule.sqrt_one_minus_alphas_cumprod) * model_output)
-                / coefficient(schedule.sqrt_alphas_cumprod))
+    def _pred_original_sample(self, schedule: NoiseSchedule, t, sample: Tensor, model_output: Tensor,
+                              settings: dict) -> Tensor:
+        """x̂₀ as diffusers returns it next to prev_sample — from the prediction type, clipped or thresholded —
+        with the coefficients gathered on the device and the threshold from :func:`genfast.dynamic_threshold`
+        (nothing is read back)."""
+        x0 = composite.x0_and_eps(model_output, t, sample, schedule, settings["prediction_type"])[0]
+        s = None
+        if settings["thresholding"]:
+            s = dynamic_threshold(model_output, t, sample, schedule, prediction_type=settings["prediction_type"],
+                                  dynamic_thresholding_ratio=settings["dynamic_thresholding_ratio"],
+                                  sample_max_value=settings["sample_max_value"])
+        clip = settings["clip_sample_range"] if settings["clip_sample"] else None
+        return composite.handled_x0(x0, clip, s)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """√ᾱ_t·x_0 + √(1−ᾱ_t)·noise with :func:`genfast.q_sample`; ``timesteps`` an integer tensor of one
@@ -270,11 +278,9 @@ class _FusedSchedulerMixin:
 
 
 def _timestep_int(timestep) -> Optional[int]:
-    """``timestep`` as an int when it is an int or a one-element integer tensor (read back), else None."""
+    """``timestep`` as an int when it is an int, else None."""
     if isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
         return int(timestep)
-    if _timestep_tensor(timestep):
-        return int(timestep.item())
     return None
 
 
@@ -295,64 +301,98 @@ def _single_generator(generator) -> bool:
 
 class GenfastDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     """``DDPMScheduler`` whose ``add_noise`` is :func:`genfast.q_sample` and whose ``step`` is
-    :func:`genfast.ddpm_step` (one kernel, variance noise drawn in it from a seed taken from ``generator``) when
-    the step is one the fused op computes: ε-prediction, ``variance_type="fixed_small"``, no clipping or
-    thresholding, one training timestep at a time (t → t−1, i.e. no ``set_timesteps`` with fewer steps), betas
-    in (0, 1), a single generator. Anything else runs diffusers' own ``step``. Build it like the original:
-    ``GenfastDDPMScheduler.from_config(scheduler.config)``. The tables are float64 (diffusers' are float32), so
-    results agree to ~1e-3 at the smallest β, closer elsewhere; the variance noise is genfast's Philox stream.
+    :func:`genfast.ddpm_step` — one kernel, x̂₀ handled inside it, the variance noise drawn in it from a seed taken
+    from ``generator`` — for every configuration the fused step computes: ``prediction_type`` "epsilon",
+    "v_prediction" or "sample"; ``clip_sample`` (any range) or ``thresholding``; ``variance_type`` "fixed_small"
+    (the default), "fixed_small_log" or "fixed_large"; all T steps or ``set_timesteps`` with fewer (any spacing,
+    custom timesteps too). Build it like the original: ``GenfastDDPMScheduler.from_config(scheduler.config)``.
 
-    A one-element tensor ``timestep`` is never read back when every step is t → t−1 (no ``set_timesteps``, or all
-    T steps): ``unet`` + ``step`` can then be captured in a CUDA graph and replayed with a static timestep tensor
-    (see ``DDPM.sample(cuda_graph=True)`` for the pattern)."""
+    Still diffusers' own ``step``: ``variance_type`` "learned", "learned_range" or "fixed_large_log", a model
+    output of another shape than the sample (a learned variance's 2·C channels), a list of generators, betas
+    outside (0, 1) (``rescale_betas_zero_snr``), a timestep that is neither an int nor a one-element integer
+    tensor, and configuration values the step refuses (``tests/test_diffusers_integration.py`` counts both sides).
+
+    The tables are float64 (diffusers' are float32), so results agree to ~1e-3 at the smallest β, closer
+    elsewhere; the variance noise is genfast's Philox stream. A one-element tensor ``timestep`` is never read back
+    (with ``set_timesteps``, t_prev comes from a device table of the timesteps): ``unet`` + ``step`` can be
+    captured in a CUDA graph and replayed with a static timestep tensor (see ``DDPM.sample(cuda_graph=True)``)."""
+
+    def set_timesteps(self, *args, **kwargs):
+        """diffusers' ``set_timesteps``, then the table of previous timesteps on the timesteps' device (reading
+        them here, so that a step reads nothing)."""
+        result = super().set_timesteps(*args, **kwargs)
+        self.__dict__.pop("_genfast_previous", None)
+        self._previous_table(self.timesteps.device)
+        return result
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
         schedule = self.genfast_schedule(sample.device)
-        fusable = (schedule is not None and self._fusable_prediction() and self.variance_type == "fixed_small"
+        settings = self.genfast_settings()
+        fusable = (schedule is not None and settings is not None and self.variance_type in _FUSED_VARIANCES
                    and _single_generator(generator) and model_output.shape == sample.shape)
-        t = self._fused_timestep(timestep, sample, schedule) if fusable else None
-        if t is None:
+        timesteps = self._fused_timesteps(timestep, sample) if fusable else None
+        if timesteps is None:
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        prev_sample = ddpm_step(model_output, t, sample, schedule, generator=generator)
-        pred_original_sample = self._x0_from_eps(schedule, t, sample, model_output)
+        t, t_prev = timesteps
+        prev_sample = ddpm_step(model_output, t, sample, schedule, t_prev=t_prev,
+                                variance_type=_FUSED_VARIANCES[self.variance_type], generator=generator, **settings)
+        pred_original_sample = self._pred_original_sample(schedule, t, sample, model_output, settings)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
-    def _tensor_timesteps_fuse(self) -> bool:
-        """Whether ``previous_timestep(t)`` is t − 1 for every t, known without t's value: no ``set_timesteps``,
-        or T inference steps of a spacing that visits every timestep."""
-        config = self.config
-        if self.custom_timesteps:
-            return False
-        if self.num_inference_steps is None:
-            return True
-        return (self.num_inference_steps == config.num_train_timesteps
-                and (config.timestep_spacing != "leading" or config.steps_offset == 0))
+    def _fused_timesteps(self, timestep, sample: Tensor):
+        """(t, t_prev) for the fused step, or None for diffusers' step. t_prev is None (t − 1) without
+        ``set_timesteps``; else the next entry of ``self.timesteps`` (−1 after the last): for an int from
+        ``previous_timestep``, for a one-element tensor gathered on the device from a table of the timesteps
+        (a timestep not in them gets T there, which the step refuses)."""
+        stepping = self.custom_timesteps or self.num_inference_steps
+        if _timestep_tensor(timestep):
+            t = _timestep_batch(timestep, sample)
+            return t, (self._previous_table(sample.device)[t] if stepping else None)
+        t = _timestep_int(timestep)
+        if t is None or not 0 <= t < self.config.num_train_timesteps:
+            return None
+        return t, (int(self.previous_timestep(t)) if stepping else None)
 
-    def _int_timestep_fuses(self, t: int) -> bool:
-        return int(self.previous_timestep(t)) == t - 1
+    def _previous_table(self, device: torch.device) -> Tensor:
+        """previous[t] = the timestep after t in ``self.timesteps`` (−1 after the last), T for the others; made
+        once per ``set_timesteps`` and device (a warm-up step makes it for another device before a capture)."""
+        cache = self.__dict__.setdefault("_genfast_previous", {})
+        device = torch.device(device)
+        if device not in cache:
+            steps = [int(t) for t in self.timesteps]
+            previous = torch.full((self.config.num_train_timesteps,), self.config.num_train_timesteps,
+                                  dtype=torch.int64)
+            previous[steps] = torch.tensor(steps[1:] + [-1])
+            cache[device] = previous.to(device)
+        return cache[device]
 
 
 class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
     """``DDIMScheduler`` whose ``add_noise`` is :func:`genfast.q_sample` and whose ``step`` is
-    :func:`genfast.ddim_step` (one kernel; with eta > 0 the noise is ``variance_noise`` or drawn in the kernel from
-    a seed taken from ``generator``) for ε-prediction without clipping or thresholding, eta in [0, 1], betas in (0, 1)
-    and a single generator; anything else runs diffusers' own ``step`` (which also raises its own errors, e.g.
-    for ``set_timesteps`` not called). The last step uses ᾱ = 1 with ``set_alpha_to_one`` and ᾱ_0 otherwise, as
-    diffusers does. Build it with ``GenfastDDIMScheduler.from_config(scheduler.config)``. A one-element tensor
-    ``timestep`` is never read back, so ``unet`` + ``step`` can be captured in a CUDA graph."""
+    :func:`genfast.ddim_step` — one kernel, x̂₀ handled inside it; with eta > 0 the noise is ``variance_noise`` or
+    drawn in the kernel from a seed taken from ``generator`` — for every configuration the fused step computes:
+    ``prediction_type`` "epsilon", "v_prediction" or "sample"; ``clip_sample`` (any range) or ``thresholding``;
+    ``use_clipped_model_output``; eta in [0, 1]; ``set_alpha_to_one`` either way (the last step uses ᾱ = 1, or ᾱ_0,
+    as diffusers does). Build it with ``GenfastDDIMScheduler.from_config(scheduler.config)``.
+
+    Still diffusers' own ``step``: eta outside [0, 1], a list of generators, both ``generator`` and
+    ``variance_noise`` (diffusers raises), betas outside (0, 1), a timestep that is neither an int nor a one-element
+    integer tensor, configuration values the step refuses, and ``set_timesteps`` not called (diffusers raises its
+    own error). A one-element tensor ``timestep`` is never read back, so ``unet`` + ``step`` can be captured in a
+    CUDA graph."""
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator=None, variance_noise: Optional[Tensor] = None,
              return_dict: bool = True):
-        # without clipping, use_clipped_model_output recomputes ε̂ from x̂_0 = the same ε̂: it changes nothing
         schedule = self.genfast_schedule(sample.device)
-        fusable = (schedule is not None and self.num_inference_steps is not None
-                   and self._fusable_prediction() and _single_generator(generator)
-                   and not (generator is not None and variance_noise is not None)
-                   and isinstance(eta, numbers.Real) and 0 <= eta <= 1 and model_output.shape == sample.shape)
-        t = self._fused_timestep(timestep, sample, schedule) if fusable else None
+        settings = self.genfast_settings()
+        fusable = (schedule is not None and settings is not None and self.num_inference_steps is not None
+                   and _single_generator(generator) and not (generator is not None and variance_noise is not None)
+                   and isinstance(eta, numbers.Real) and 0 <= eta <= 1 and model_output.shape == sample.shape
+                   and isinstance(use_clipped_model_output, bool))
+        t = self._fused_timestep(timestep, sample) if fusable else None
         if t is None:
             return super().step(model_output, timestep, sample, eta=eta,
                                 use_clipped_model_output=use_clipped_model_output, generator=generator,
@@ -361,8 +401,16 @@ class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
         if not self.config.set_alpha_to_one:  # diffusers' final ᾱ is then ᾱ_0
             t_prev = t_prev.clamp(min=0) if isinstance(t_prev, Tensor) else max(t_prev, 0)
         prev_sample = ddim_step(model_output, t, t_prev, sample, schedule, float(eta), variance_noise,
-                                generator=generator)
-        pred_original_sample = self._x0_from_eps(schedule, t, sample, model_output)
+                                use_clipped_model_output=use_clipped_model_output, generator=generator, **settings)
+        pred_original_sample = self._pred_original_sample(schedule, t, sample, model_output, settings)
         if not return_dict:
             return prev_sample, pred_original_sample
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _fused_timestep(self, timestep, sample: Tensor):
+        """The timestep the fused step takes, or None for diffusers' step: a one-element integer tensor as (B,)
+        timesteps on the device, never read back (its range is checked by the op); else an int in [0, T)."""
+        if _timestep_tensor(timestep):
+            return _timestep_batch(timestep, sample)
+        t = _timestep_int(timestep)
+        return t if t is not None and 0 <= t < self.config.num_train_timesteps else None

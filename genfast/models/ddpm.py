@@ -1,6 +1,7 @@
-"""DDPM (Ho et al. 2020): an ε-prediction network and a noise schedule, trained with the fused
-:func:`genfast.diffusion_loss` and sampled with :func:`genfast.ddpm_step` or :func:`genfast.ddim_step`, step by step
-or with one denoising step captured in a CUDA graph and replayed."""
+"""DDPM (Ho et al. 2020): a denoising network (predicting ε, v or x₀) and a noise schedule, trained with the fused
+:func:`genfast.diffusion_loss` and sampled with :func:`genfast.ddpm_step` or :func:`genfast.ddim_step` — x̂₀ clipped
+to the image range by default, as diffusers' schedulers do — step by step or with one denoising step captured in a
+CUDA graph and replayed."""
 from __future__ import annotations
 
 import numbers
@@ -9,7 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.diffusion import ddim_step, ddpm_step, diffusion_loss
+from .._shared import PREDICTION_TYPES
+from ..ops.diffusion import diffusion_loss
+from ..ops.diffusion_steps import ddim_step, ddpm_step
 from ..schedule import NoiseSchedule
 from ._common import check_images, check_positive_int
 from .unet import UNet
@@ -19,11 +22,15 @@ WARMUP_STEPS = 3  # real steps run uncaptured on a side stream before the captur
 
 
 class DDPM(nn.Module):
-    """``unet`` (a :class:`UNet`, or any module with ``forward(x_t, t) -> ε̂`` and attributes ``in_channels`` and
+    """``unet`` (a :class:`UNet`, or any module with ``forward(x_t, t) -> y`` and attributes ``in_channels`` and
     ``image_size``) and ``schedule``, a :class:`genfast.NoiseSchedule` (default ``NoiseSchedule.linear(1000, 1e-4,
-    0.02)``, Ho et al.'s), registered as submodules so that ``.to(device)`` moves both. Images live in [-1, 1]."""
+    0.02)``, Ho et al.'s), registered as submodules so that ``.to(device)`` moves both. Images live in [-1, 1].
 
-    def __init__(self, *, unet: UNet, schedule: Optional[NoiseSchedule] = None):
+    ``prediction_type`` (diffusers' names) is what the network predicts, used by :meth:`loss` and :meth:`sample`:
+    "epsilon" (the noise ε, Ho et al.; the default), "v_prediction" (v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀, Salimans & Ho
+    2022) or "sample" (x₀)."""
+
+    def __init__(self, *, unet: UNet, schedule: Optional[NoiseSchedule] = None, prediction_type: str = "epsilon"):
         super().__init__()
         if not isinstance(unet, nn.Module):
             raise TypeError(f"unet must be an nn.Module, got {type(unet).__name__}")
@@ -31,21 +38,36 @@ class DDPM(nn.Module):
             schedule = NoiseSchedule.linear(1000, 1e-4, 0.02)
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a genfast.NoiseSchedule, got {type(schedule).__name__}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet = unet
         self.schedule = schedule
+        self.prediction_type = prediction_type
+
+    def extra_repr(self) -> str:
+        return f"prediction_type={self.prediction_type!r}"
 
     def loss(self, x0: Tensor, *, generator: Optional[torch.Generator] = None) -> Tensor:
-        """mean((ε̂ − ε)²) at timesteps drawn uniformly from [0, T) (:func:`genfast.diffusion_loss`), a 0-dim fp32
-        tensor; t and ε are drawn from ``generator``."""
-        return diffusion_loss(self.unet, x0, self.schedule, generator=generator)
+        """mean((y − target)²) at timesteps drawn uniformly from [0, T) (:func:`genfast.diffusion_loss`; the
+        target ε, v or x₀ by ``prediction_type``), a 0-dim fp32 tensor; t and ε are drawn from ``generator``."""
+        return diffusion_loss(self.unet, x0, self.schedule, prediction_type=self.prediction_type, generator=generator)
 
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str = "ddpm", steps: Optional[int] = None, eta: float = 0.0,
                generator: Optional[torch.Generator] = None, progress: bool = False,
-               cuda_graph: bool = False, noise: Optional[Tensor] = None, clip: bool = True) -> Tensor:
+               cuda_graph: bool = False, noise: Optional[Tensor] = None, clip_sample: bool = True,
+               clip_sample_range: float = 1.0, thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+               sample_max_value: float = 1.0) -> Tensor:
         """``n`` images (n, C, S, S) from x_T ~ N(0, I) drawn with ``generator``, or from ``noise`` (n, C, S, S) when
-        given (with the deterministic DDIM, eta = 0, the same x_T gives the same image); clamped to [-1, 1] unless
-        ``clip=False`` (a latent diffusion model's latents are not images).
+        given (with the deterministic DDIM, eta = 0, the same x_T gives the same image).
+
+        x̂₀, the clean image each step predicts, is handled as by diffusers' schedulers (same names and defaults):
+        ``clip_sample`` clamps it to [−``clip_sample_range``, ``clip_sample_range``] (default on, range 1: images
+        live in [-1, 1], and the last step returns x̂₀, so the samples do too); ``thresholding`` applies Imagen's
+        dynamic thresholding instead (per sample s = clamp(``dynamic_thresholding_ratio``-quantile of |x̂₀|, 1,
+        ``sample_max_value``), x̂₀ ← clamp(x̂₀, −s, s)/s). ``clip_sample=False`` without thresholding leaves x̂₀ and
+        the samples unbounded: a latent diffusion model's latents are not images (:class:`LatentDiffusion` samples
+        so).
 
         ``sampler="ddpm"``: ancestral sampling through all T timesteps (``steps`` must be None or T).
         ``sampler="ddim"``: ``steps`` (default 50, at most T) timesteps evenly spaced over [0, T−1] (rounded), from
@@ -58,12 +80,15 @@ class DDPM(nn.Module):
         eager step would), so the images are those of the plain loop. The capture costs about one step per call.
         On other devices the same static-buffer step runs uncaptured."""
         check_positive_int(n, "n")
-        for flag, name in ((cuda_graph, "cuda_graph"), (clip, "clip")):
+        for flag, name in ((cuda_graph, "cuda_graph"), (clip_sample, "clip_sample"), (thresholding, "thresholding")):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         timesteps = self._timesteps(sampler, steps)
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or eta < 0:
             raise ValueError(f"eta must be a real number >= 0, got {eta!r}")
+        settings = dict(prediction_type=self.prediction_type, clip_sample=clip_sample,
+                        clip_sample_range=clip_sample_range, thresholding=thresholding,
+                        dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
         from tqdm.auto import tqdm
 
         parameter = next(self.unet.parameters())
@@ -78,13 +103,13 @@ class DDPM(nn.Module):
         bar = tqdm(total=len(timesteps), desc=f"{sampler} sampling", unit="step", disable=not progress)
         prev = timesteps[1:] + [-1]
         if cuda_graph:
-            x = self._sample_static(x, timesteps, prev, sampler, eta, generator, bar)
+            x = self._sample_static(x, timesteps, prev, sampler, eta, generator, bar, settings)
         else:
             for t, t_prev in zip(timesteps, prev):
-                x = self._step(x, t, t_prev, sampler, eta, generator)
+                x = self._step(x, t, t_prev, sampler, eta, generator, settings)
                 bar.update()
         bar.close()
-        return x.clamp(-1.0, 1.0) if clip else x
+        return x
 
     def _timesteps(self, sampler: str, steps: Optional[int]) -> list[int]:
         """The timesteps ``sampler`` visits, from the last down to 0."""
@@ -102,16 +127,17 @@ class DDPM(nn.Module):
             raise ValueError(f"steps must be <= T={num_steps}, got {steps}")
         return torch.linspace(0, num_steps - 1, steps, dtype=torch.float64).round().long().tolist()[::-1]
 
-    def _step(self, x: Tensor, t, t_prev, sampler: str, eta: float, generator) -> Tensor:
-        """x_{t_prev} from x_t; ``t`` and ``t_prev`` (DDIM only) ints or (n,) tensors."""
+    def _step(self, x: Tensor, t, t_prev, sampler: str, eta: float, generator, settings: dict) -> Tensor:
+        """x_{t_prev} from x_t; ``t`` and ``t_prev`` (DDIM only) ints or (n,) tensors; ``settings`` the prediction
+        type and x̂₀ handling of the steps."""
         t_batch = t if isinstance(t, Tensor) else torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        eps_hat = self.unet(x, t_batch)
+        output = self.unet(x, t_batch)
         if sampler == "ddpm":
-            return ddpm_step(eps_hat, t, x, self.schedule, generator=generator)
-        return ddim_step(eps_hat, t, t_prev, x, self.schedule, eta=eta, generator=generator)
+            return ddpm_step(output, t, x, self.schedule, generator=generator, **settings)
+        return ddim_step(output, t, t_prev, x, self.schedule, eta=eta, generator=generator, **settings)
 
     def _sample_static(self, x: Tensor, timesteps: list[int], prev: list[int], sampler: str, eta: float,
-                       generator, bar) -> Tensor:
+                       generator, bar, settings: dict) -> Tensor:
         """The loop of :meth:`sample` on static buffers, graphed on CUDA. The DDPM step at t = 0 adds no noise, so
         the plain loop draws no seed for it: it runs after the others with t = 0 an int, as there."""
         graphed = len(timesteps) - (sampler == "ddpm")
@@ -121,12 +147,12 @@ class DDPM(nn.Module):
 
         def step():
             t, t_prev = table.index_select(0, index)[0].unbind(0)
-            x.copy_(self._step(x, t, t_prev, sampler, eta, generator))
+            x.copy_(self._step(x, t, t_prev, sampler, eta, generator, settings))
             index.add_(1)
 
         _run_steps(step, graphed, x.device, generator, bar)
         for t, t_prev in zip(timesteps[graphed:], prev[graphed:]):
-            x = self._step(x, t, t_prev, sampler, eta, generator)
+            x = self._step(x, t, t_prev, sampler, eta, generator, settings)
             bar.update()
         return x
 

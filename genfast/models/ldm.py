@@ -79,7 +79,8 @@ class LatentDiffusion(nn.Module):
                generator: Optional[torch.Generator] = None, progress: bool = False, cuda_graph: bool = False,
                noise: Optional[Tensor] = None) -> Tensor:
         """``n`` images (n, C, S, S) in [0, 1]: latents from :meth:`DDPM.sample` (the same arguments; ``noise`` is
-        the latent x_T, unclipped), decoded."""
+        the latent x_T), decoded. The latents' x̂₀ is neither clipped nor thresholded (``clip_sample=False``, as
+        Stable Diffusion's schedulers): the scaled latents are unit-variance, not images in [-1, 1]."""
         latents = self.ddpm.sample(n, sampler=sampler, steps=steps, eta=eta, generator=generator, progress=progress,
-                                   cuda_graph=cuda_graph, noise=noise, clip=False)
+                                   cuda_graph=cuda_graph, noise=noise, clip_sample=False)
         return self.decode(latents)

@@ -1,5 +1,6 @@
-"""Diffusion ops: forward noising q(x_t | x_0), the DDPM ε-prediction loss with the noise never stored, and the
-DDPM and DDIM sampler steps. Schedules are :class:`genfast.NoiseSchedule` (float64 tables indexed by timestep)."""
+"""Diffusion ops: forward noising q(x_t | x_0) and the training loss with the noise never stored, and the argument
+checks the sampler steps (:mod:`genfast.ops.diffusion_steps`) share. Schedules are :class:`genfast.NoiseSchedule`
+(float64 tables indexed by timestep)."""
 from __future__ import annotations
 
 import numbers
@@ -10,20 +11,20 @@ from torch import Tensor
 
 from .._backend import FusedOp, resolve_backend, run
 from .._rng import draw, draw_seed
-from .._shared import compute_dtype
+from .._shared import PREDICTION_TYPES, compute_dtype
 from .._validation import (
-    INTEGER_DTYPES, batch_major, check_float_tensor, check_generator, check_like, check_noise,
-    check_timesteps_not_after, check_timesteps_range, match_layout,
+    INTEGER_DTYPES, batch_major, check_choice, check_float_tensor, check_generator, check_like, check_noise,
+    check_timesteps_range, match_layout,
 )
 from ..composite import diffusion as composite
-from ..schedule import NoiseSchedule, _check_real
+from ..schedule import NoiseSchedule
 
 OP = "diffusion"  # its module's name in every layer: kernels/, genfast/reference/, csrc/cpu/, ...
 Timesteps = Union[int, Tensor]
 # the schedule tables each op reads, in its registered op's order
-Q_SAMPLE_TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-DDPM_TABLES = Q_SAMPLE_TABLES + ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance")
-DDIM_TABLES = ("alphas_cumprod",) + Q_SAMPLE_TABLES
+Q_SAMPLE_TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")  # also the loss's
+STEP_TABLES = ("alphas_cumprod",) + Q_SAMPLE_TABLES  # the DDPM and DDIM steps
+
 # backends whose kernels refuse a timestep outside the tables as they read it (csrc/cpu/diffusion.cpp): there a
 # tensor's timesteps are checked only once a kernel has refused one, to raise the ValueError naming the argument
 SELF_CHECKING = ("cpp",)
@@ -74,141 +75,57 @@ _q_sample = FusedOp(_q_sample_op, OP, "q_sample", setup_context=_q_sample_setup,
 _q_sample_grad = FusedOp(_q_sample_backward_op, OP, "q_sample_backward")
 
 
-# ---- the sampler steps: x_prev = a·x_t + b·ε̂ + c·z, one backward launch for (dε̂, dx_t) ---------------------
+# ---- the training loss: mean((y − target)²), target = u·ε + w·x₀ with ε regenerated from the seed ----------------
 
 
-def _step_grads(ctx, grad, x_index: int, backward_op, *args):
-    """(dε̂, dx_t) of a sampler step from ``backward_op``, or Nones when neither input needs a gradient."""
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[x_index]):
-        return None, None
-    return backward_op(batch_major(grad), *args, ctx.backend)
-
-
-def _step_fake_backward(grad, *args):
-    return torch.empty_like(grad), torch.empty_like(grad)
-
-
-@torch.library.custom_op("genfast::ddpm_step", mutates_args=())
-def _ddpm_step_op(
-    model_output: Tensor, t: Tensor, x_t: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
-    sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor, posterior_mean_coef1: Tensor,
-    posterior_mean_coef2: Tensor, posterior_variance: Tensor, backend: str,
+@torch.library.custom_op("genfast::target_mse", mutates_args=())
+def _target_mse_op(
+    model_output: Tensor, seed: Tensor, x0: Optional[Tensor], t: Tensor, sqrt_alphas_cumprod: Tensor,
+    sqrt_one_minus_alphas_cumprod: Tensor, prediction_type: str, backend: str,
 ) -> Tensor:
-    return run(OP, "ddpm_step", model_output, t, x_t, noise, seed, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-               posterior_mean_coef1, posterior_mean_coef2, posterior_variance, backend)
+    return run(OP, "target_mse", model_output, seed, x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+               prediction_type, backend)
 
 
-@_ddpm_step_op.register_fake
-def _(model_output, t, x_t, *args):
-    return torch.empty_like(x_t)
+@_target_mse_op.register_fake
+def _(model_output, *args):
+    return model_output.new_empty((), dtype=compute_dtype(model_output))
 
 
-@torch.library.custom_op("genfast::ddpm_step_backward", mutates_args=())
-def _ddpm_step_backward_op(
-    grad: Tensor, t: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
-    posterior_mean_coef1: Tensor, posterior_mean_coef2: Tensor, posterior_variance: Tensor, backend: str,
-) -> tuple[Tensor, Tensor]:
-    return run(OP, "ddpm_step_backward", grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-               posterior_mean_coef1, posterior_mean_coef2, posterior_variance, backend)
-
-
-_ddpm_step_backward_op.register_fake(_step_fake_backward)
-
-
-def _ddpm_setup(ctx, inputs, output):
-    model_output, t, x_t, noise, seed, *tables, backend = inputs
-    ctx.save_for_backward(t, *tables)
-    ctx.backend = backend
-
-
-def _ddpm_backward(ctx, grad):
-    grad_model_output, grad_x = _step_grads(ctx, grad, 2, _ddpm_step_grad, *ctx.saved_tensors)
-    return (grad_model_output, None, grad_x) + (None,) * 8
-
-
-_ddpm_step = FusedOp(_ddpm_step_op, OP, "ddpm_step", setup_context=_ddpm_setup, backward=_ddpm_backward)
-_ddpm_step_grad = FusedOp(_ddpm_step_backward_op, OP, "ddpm_step_backward")
-
-
-@torch.library.custom_op("genfast::ddim_step", mutates_args=())
-def _ddim_step_op(
-    model_output: Tensor, t: Tensor, t_prev: Tensor, x_t: Tensor, noise: Optional[Tensor], seed: Optional[Tensor],
-    eta: float, alphas_cumprod: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
-    backend: str,
+@torch.library.custom_op("genfast::target_mse_backward", mutates_args=())
+def _target_mse_backward_op(
+    grad_loss: Tensor, model_output: Tensor, seed: Tensor, x0: Optional[Tensor], t: Tensor,
+    sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor, prediction_type: str, backend: str,
 ) -> Tensor:
-    return run(OP, "ddim_step", model_output, t, t_prev, x_t, noise, seed, eta, alphas_cumprod, sqrt_alphas_cumprod,
-               sqrt_one_minus_alphas_cumprod, backend)
+    return run(OP, "target_mse_backward", grad_loss, model_output, seed, x0, t, sqrt_alphas_cumprod,
+               sqrt_one_minus_alphas_cumprod, prediction_type, backend)
 
 
-@_ddim_step_op.register_fake
-def _(model_output, t, t_prev, x_t, *args):
-    return torch.empty_like(x_t)
+@_target_mse_backward_op.register_fake
+def _(grad_loss, model_output, *args):
+    return torch.empty_like(model_output)
 
 
-@torch.library.custom_op("genfast::ddim_step_backward", mutates_args=())
-def _ddim_step_backward_op(
-    grad: Tensor, t: Tensor, t_prev: Tensor, eta: float, alphas_cumprod: Tensor, sqrt_alphas_cumprod: Tensor,
-    sqrt_one_minus_alphas_cumprod: Tensor, backend: str,
-) -> tuple[Tensor, Tensor]:
-    return run(OP, "ddim_step_backward", grad, t, t_prev, eta, alphas_cumprod, sqrt_alphas_cumprod,
-               sqrt_one_minus_alphas_cumprod, backend)
+def _target_mse_setup(ctx, inputs, output):
+    model_output, seed, x0, t, sqrt_ac, sqrt_1m_ac, prediction_type, backend = inputs
+    ctx.save_for_backward(model_output, seed, x0, t, sqrt_ac, sqrt_1m_ac)
+    ctx.prediction_type, ctx.backend = prediction_type, backend
 
 
-_ddim_step_backward_op.register_fake(_step_fake_backward)
+def _target_mse_backward(ctx, grad_loss):
+    model_output, seed, x0, t, sqrt_ac, sqrt_1m_ac = ctx.saved_tensors
+    grad = _target_mse_grad(grad_loss, model_output, seed, x0, t, sqrt_ac, sqrt_1m_ac, ctx.prediction_type,
+                            ctx.backend)
+    grad_x0 = None
+    if ctx.needs_input_grad[2]:  # the target's w·x₀: dx₀ = −w·dy, w = −√(1−ᾱ_t) (v) or 1 (x₀)
+        w = -sqrt_1m_ac[t] if ctx.prediction_type == "v_prediction" else torch.ones_like(sqrt_1m_ac[t])
+        grad_x0 = (-w.to(compute_dtype(grad)).view((-1,) + (1,) * (grad.dim() - 1)) * grad).to(x0.dtype)
+    return grad if ctx.needs_input_grad[0] else None, None, grad_x0, None, None, None, None, None
 
 
-def _ddim_setup(ctx, inputs, output):
-    model_output, t, t_prev, x_t, noise, seed, eta, *tables, backend = inputs
-    ctx.save_for_backward(t, t_prev, *tables)
-    ctx.eta, ctx.backend = eta, backend
-
-
-def _ddim_backward(ctx, grad):
-    t, t_prev, *tables = ctx.saved_tensors
-    grad_model_output, grad_x = _step_grads(ctx, grad, 3, _ddim_step_grad, t, t_prev, ctx.eta, *tables)
-    return (grad_model_output, None, None, grad_x) + (None,) * 7
-
-
-_ddim_step = FusedOp(_ddim_step_op, OP, "ddim_step", setup_context=_ddim_setup, backward=_ddim_backward)
-_ddim_step_grad = FusedOp(_ddim_step_backward_op, OP, "ddim_step_backward")
-
-
-# ---- the ε-prediction loss: mean((ε̂ − ε)²) with ε regenerated from the seed ----------------------------------
-
-
-@torch.library.custom_op("genfast::noise_mse", mutates_args=())
-def _noise_mse_op(eps_hat: Tensor, seed: Tensor, backend: str) -> Tensor:
-    return run(OP, "noise_mse", eps_hat, seed, backend)
-
-
-@_noise_mse_op.register_fake
-def _(eps_hat, seed, backend):
-    return eps_hat.new_empty((), dtype=compute_dtype(eps_hat))
-
-
-@torch.library.custom_op("genfast::noise_mse_backward", mutates_args=())
-def _noise_mse_backward_op(grad_loss: Tensor, eps_hat: Tensor, seed: Tensor, backend: str) -> Tensor:
-    return run(OP, "noise_mse_backward", grad_loss, eps_hat, seed, backend)
-
-
-@_noise_mse_backward_op.register_fake
-def _(grad_loss, eps_hat, seed, backend):
-    return torch.empty_like(eps_hat)
-
-
-def _noise_mse_setup(ctx, inputs, output):
-    eps_hat, seed, backend = inputs
-    ctx.save_for_backward(eps_hat, seed)
-    ctx.backend = backend
-
-
-def _noise_mse_backward(ctx, grad_loss):
-    eps_hat, seed = ctx.saved_tensors
-    return _noise_mse_grad(grad_loss, eps_hat, seed, ctx.backend), None, None
-
-
-_noise_mse = FusedOp(_noise_mse_op, OP, "noise_mse", setup_context=_noise_mse_setup, backward=_noise_mse_backward)
-_noise_mse_grad = FusedOp(_noise_mse_backward_op, OP, "noise_mse_backward")
+_target_mse = FusedOp(_target_mse_op, OP, "target_mse", setup_context=_target_mse_setup,
+                      backward=_target_mse_backward)
+_target_mse_grad = FusedOp(_target_mse_backward_op, OP, "target_mse_backward")
 
 
 # ---- argument checks and the public functions ------------------------------------------------------------------
@@ -279,14 +196,6 @@ def _prepare(x, x_name: str, schedule, t, noise, generator, *, draw_t: bool = Fa
     return x, t, noise, backend
 
 
-def _prepare_step(model_output, t, x_t, schedule, noise, generator):
-    """:func:`_prepare` for a sampler step, with ``model_output`` (ε̂) checked against x_t and put in its layout."""
-    check_float_tensor(x_t, "x_t", min_dim=1)
-    check_like(model_output, "model_output", x_t, "x_t", same_dtype=True)
-    x_t, t, noise, backend = _prepare(x_t, "x_t", schedule, t, noise, generator)
-    return match_layout(model_output, x_t), t, x_t, noise, backend
-
-
 def _noise_and_seed(noise, x, generator, needed: bool):
     """(noise, seed) for an op: no noise term when not ``needed``, else ``noise`` or a fresh Philox seed."""
     if not needed:
@@ -311,80 +220,37 @@ def q_sample(x0: Tensor, t: Timesteps, schedule: NoiseSchedule, noise: Optional[
 
 
 def diffusion_loss(model: Callable[[Tensor, Tensor], Tensor], x0: Tensor, schedule: NoiseSchedule, *,
-                   t: Optional[Timesteps] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """The DDPM ε-prediction loss mean((ε̂ − ε)²) with ε̂ = model(x_t, t), x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε: a 0-dim
-    fp32 tensor (fp64 for an fp64 ε̂). ``t`` (B,) is drawn uniformly in [0, T) from ``generator`` when None, then
-    the noise seed is drawn from it. ε is Philox noise that is never written to memory: the noising writes only
-    x_t and the loss regenerates ε in its forward and backward. Gradients reach the model through ε̂ and x0
-    through x_t when x0 requires grad."""
+                   t: Optional[Timesteps] = None, prediction_type: str = "epsilon",
+                   generator: Optional[torch.Generator] = None) -> Tensor:
+    """The DDPM loss mean((y − target)²) with y = model(x_t, t), x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε: a 0-dim fp32 tensor
+    (fp64 for an fp64 y). The target follows ``prediction_type`` (diffusers' names): ε for "epsilon" (Ho et al.),
+    v = √ᾱ_t·ε − √(1−ᾱ_t)·x_0 for "v_prediction" (Salimans & Ho 2022), x_0 for "sample". ``t`` (B,) is drawn
+    uniformly in [0, T) from ``generator`` when None, then the noise seed is drawn from it. ε is Philox noise that
+    is never written to memory: the noising writes only x_t and the loss regenerates ε in its forward and
+    backward. Gradients reach the model through y, and x0 (when it requires grad) through x_t and the target."""
+    check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
     x0, t, _, backend = _prepare(x0, "x0", schedule, t, None, generator, draw_t=True)
     if x0.numel() == 0:
         raise ValueError(f"x0 must have at least one element: the loss is a mean, got shape {tuple(x0.shape)}")
     if backend == "torch":
-        return composite.diffusion_loss(_checked_model(model, x0), x0, schedule, t=t, generator=generator)
+        return composite.diffusion_loss(_checked_model(model, x0), x0, schedule, t=t, prediction_type=prediction_type,
+                                        generator=generator)
     seed = draw_seed(x0.device, generator)
-    x_t = _call(_q_sample, (x0, t, None, seed, *_tables(schedule, Q_SAMPLE_TABLES), backend), schedule,
-                ((t, "t", False),))
-    eps_hat = _checked_model(model, x0)(x_t, t)
-    # the noise stream is indexed by memory position: ε̂ must be laid out like x0
-    eps_hat = match_layout(eps_hat, x_t)
-    return _noise_mse(eps_hat, seed, resolve_backend(eps_hat.device, eps_hat.dtype, OP))
+    tables = _tables(schedule, Q_SAMPLE_TABLES)
+    x_t = _call(_q_sample, (x0, t, None, seed, *tables, backend), schedule, ((t, "t", False),))
+    output = _checked_model(model, x0)(x_t, t)
+    # the noise stream is indexed by memory position: y (and x0, for a target that reads it) must be laid out like x_t
+    output = match_layout(output, x_t)
+    target_x0 = None if prediction_type == "epsilon" else match_layout(x0, output, dtype=x0.dtype)
+    return _target_mse(output, seed, target_x0, t, *tables, prediction_type,
+                       resolve_backend(output.device, output.dtype, OP))
 
 
 def _checked_model(model, x0: Tensor):
-    """``model`` whose output ε̂ is checked to be a float tensor of x0's shape on its device."""
+    """``model`` whose output is checked to be a float tensor of x0's shape on its device."""
     def run(x_t, t):
-        eps_hat = model(x_t, t)
-        check_like(eps_hat, "model(x_t, t)", x0, "x0")
-        return eps_hat
+        output = model(x_t, t)
+        check_like(output, "model(x_t, t)", x0, "x0")
+        return output
 
     return run
-
-
-def ddpm_step(model_output: Tensor, t: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
-              noise: Optional[Tensor] = None, *, generator: Optional[torch.Generator] = None) -> Tensor:
-    """One DDPM ancestral step for ε-prediction with the "fixed small" variance (Ho et al. 2020, Algorithm 2):
-
-        x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t,   x_{t−1} = c1_t·x̂_0 + c2_t·x_t + √β̃_t·z
-
-    with c1, c2, β̃ the posterior tables of ``schedule`` (β̃_0 = 0: no noise at t = 0). ``model_output`` is ε̂;
-    ``t`` an int or an integer tensor (B,) in [0, T). z is ``noise`` when given (a constant: one that requires grad
-    is refused), else Philox noise from ``generator`` as in :func:`q_sample`. Differentiable in model_output and
-    x_t."""
-    noisy = not (isinstance(t, numbers.Integral) and t == 0)
-    model_output, t, x_t, noise, backend = _prepare_step(model_output, t, x_t, schedule, noise, generator)
-    if backend == "torch":
-        return composite.ddpm_step(model_output, t, x_t, schedule, noise, generator=generator)
-    noise, seed = _noise_and_seed(noise, x_t, generator, noisy)
-    return _call(_ddpm_step, (model_output, t, x_t, noise, seed, *_tables(schedule, DDPM_TABLES), backend),
-                 schedule, ((t, "t", False),))
-
-
-def ddim_step(model_output: Tensor, t: Timesteps, t_prev: Timesteps, x_t: Tensor, schedule: NoiseSchedule,
-              eta: float = 0.0, noise: Optional[Tensor] = None, *,
-              generator: Optional[torch.Generator] = None) -> Tensor:
-    """One DDIM step from t to t_prev for ε-prediction (Song et al. 2021):
-
-        x̂_0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t,   σ = η·√((1−ᾱ_p)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_p),
-        x_prev = √ᾱ_p·x̂_0 + √(1−ᾱ_p−σ²)·ε̂ + σ·z
-
-    with ᾱ_p = ᾱ_{t_prev}, and ᾱ_p = 1 when t_prev < 0 (the last step). ``t`` in [0, T) and ``t_prev`` < T are ints
-    or integer tensors (B,). ``eta`` in [0, 1]; with eta = 0 the step is deterministic and ``noise`` is unused (then
-    t_prev > t, DDIM inversion, is allowed too); eta > 0 needs t_prev ≤ t. z is ``noise`` when given (a constant:
-    one that requires grad is refused), else Philox noise from ``generator`` as in :func:`q_sample`. Differentiable
-    in model_output and x_t."""
-    eta = _check_real(eta, "eta")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1] (1: the DDPM posterior variance), got {eta}")
-    on_host = all(isinstance(v, numbers.Integral) for v in (t, t_prev))
-    if eta > 0 and on_host:
-        check_timesteps_not_after(t_prev, t)
-    model_output, t, x_t, noise, backend = _prepare_step(model_output, t, x_t, schedule, noise, generator)
-    t_prev = _timesteps(t_prev, "t_prev", x_t, schedule.num_steps, backend, allow_negative=True)
-    if eta > 0 and not on_host:  # the kernels do not check this one
-        check_timesteps_not_after(t_prev, t)
-    if backend == "torch":
-        return composite.ddim_step(model_output, t, t_prev, x_t, schedule, eta, noise, generator=generator)
-    noise, seed = _noise_and_seed(noise, x_t, generator, eta > 0)
-    args = (model_output, t, t_prev, x_t, noise, seed, eta, *_tables(schedule, DDIM_TABLES), backend)
-    return _call(_ddim_step, args, schedule, ((t, "t", False), (t_prev, "t_prev", True)))

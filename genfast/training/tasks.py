@@ -3,6 +3,8 @@ written at the end. The loop in :mod:`genfast.training.loop` is the same for all
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,13 +23,17 @@ class NonFiniteLoss(RuntimeError):
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, name: str, step: int, world: World,
-                   device: torch.device, scaler: torch.amp.GradScaler | None = None) -> None:
+                   device: torch.device, scaler: torch.amp.GradScaler | None = None,
+                   max_grad_norm: float = 0.0) -> None:
     """zero_grad, backward, and the update only when ``loss`` and every gradient are finite on every process;
     otherwise :class:`NonFiniteLoss` naming ``step`` (1-based) and the loss, with the parameters untouched.
+    With ``max_grad_norm`` > 0 the gradients are scaled by min(1, max_grad_norm/‖g‖) before the update, ‖g‖ the
+    norm of all of the optimiser's gradients together (:func:`torch.nn.utils.clip_grad_norm_`; under DDP the
+    gradients are already averaged, so every process clips alike).
 
-    With an fp16 ``scaler``: backward of s·loss, the gradients divided by s, and a non-finite gradient is the
-    scaler's business (the update is skipped and s halved: an overflow, not a divergence); a non-finite loss
-    still stops the run."""
+    With an fp16 ``scaler``: backward of s·loss, the gradients divided by s (before the clipping, so the norm is
+    the true one), and a non-finite gradient is the scaler's business (the update is skipped and s halved: an
+    overflow, not a divergence); a non-finite loss still stops the run."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -41,6 +47,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, *, name
         finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
     if not all_true(bool(finite), world, device):
         raise NonFiniteLoss(f"the {name} became {loss.item()} (or a gradient non-finite) at step {step}")
+    if max_grad_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if scaler is None:
         optimizer.step()
     else:
@@ -57,6 +66,19 @@ class _LossOf(nn.Module):
 
     def forward(self, x, *, generator=None):
         return self.model.loss(x, generator=generator)
+
+
+class _Warmup:
+    """The learning-rate factor of ``--lr-warmup W`` after k updates: min(1, (k + 1)/W), so that update k + 1
+    (1-based) runs at lr·min(1, (k + 1)/W) — lr/W first, the full lr from update W on (diffusers'
+    ``constant_with_warmup`` without its first update at lr 0). An object, not a closure: LambdaLR's state_dict
+    then holds its plain attributes, which a checkpoint can store."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __call__(self, updates: int) -> float:
+        return min(1.0, (updates + 1) / self.steps)
 
 
 def _kwargs(**values) -> dict:
@@ -79,6 +101,7 @@ class Task:
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LambdaLR] = {}
         self.emas: dict[str, EMA] = {}
 
     def _place(self, module: nn.Module) -> nn.Module:
@@ -86,10 +109,13 @@ class Task:
         return module.to(self.device, memory_format=memory_format)
 
     def _finish(self, averaged: tuple[str, ...]) -> None:
-        for name in self.optimizers:
+        for name, optimizer in self.optimizers.items():
             scaler = grad_scaler(self.config.precision, self.device)
             if scaler is not None:
                 self.scalers[name] = scaler
+            if self.config.warmup_steps:
+                self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, _Warmup(self.config.warmup_steps))
         if self.config.ema:
             self.emas = {name: EMA(self.modules[name], decay=self.config.ema, warmup=self.config.ema_warmup)
                          for name in averaged}
@@ -114,6 +140,7 @@ class Task:
         return dict(modules={k: m.state_dict() for k, m in self.modules.items()},
                     optimizers={k: o.state_dict() for k, o in self.optimizers.items()},
                     scalers={k: s.state_dict() for k, s in self.scalers.items()},
+                    schedulers={k: s.state_dict() for k, s in self.schedulers.items()},
                     ema={k: e.state_dict() for k, e in self.emas.items()})
 
     def load_state_dict(self, state: dict) -> None:
@@ -126,6 +153,9 @@ class Task:
         for name, scaler in self.scalers.items():
             if name in state.get("scalers", {}):
                 scaler.load_state_dict(state["scalers"][name])
+        for name, scheduler in self.schedulers.items():
+            if name in state.get("schedulers", {}):
+                scheduler.load_state_dict(state["schedulers"][name])
         for name, ema in self.emas.items():
             saved = state.get("ema", {}).get(name)
             if saved is None:
@@ -138,9 +168,15 @@ class Task:
             module.train(mode)
 
     def _step(self, name: str, loss: torch.Tensor, what: str, step: int) -> None:
-        """The update of optimiser ``name`` from ``loss`` (fp16: through its scaler), then its EMA."""
+        """The update of optimiser ``name`` from ``loss`` (fp16: through its scaler; the gradients clipped to
+        ``--grad-clip``), then its learning-rate warm-up and its EMA."""
         optimizer_step(self.optimizers[name], loss, name=what, step=step, world=self.world, device=self.device,
-                       scaler=self.scalers.get(name))
+                       scaler=self.scalers.get(name), max_grad_norm=self.config.max_grad_norm)
+        if name in self.schedulers:
+            with warnings.catch_warnings():  # an fp16 update the scaler skipped still counts as a warm-up step
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"),
+                                        UserWarning)
+                self.schedulers[name].step()
         if name in self.emas:
             self.emas[name].update()
 
@@ -294,19 +330,28 @@ def build_ddpm(config: RunConfig, channels: int) -> nn.Module:
             raise ValueError(f"the VAE of --vae takes {vae.in_channels}-channel images, the data set has {channels}")
     in_channels, image_size = (channels, config.image_size) if vae is None else vae.latent_shape[:2]
     unet = UNet(**_kwargs(image_size=image_size, in_channels=in_channels, base_channels=config.base_channels,
-                          channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks))
+                          channel_mult=config.channel_mult, num_res_blocks=config.num_res_blocks,
+                          num_groups=config.num_groups, scale_shift=config.scale_shift))
     factory = {"linear": genfast.NoiseSchedule.linear, "cosine": genfast.NoiseSchedule.cosine}[config.schedule]
-    ddpm = DDPM(unet=unet, schedule=factory(config.timesteps))
+    ddpm = DDPM(unet=unet, schedule=factory(config.timesteps), prediction_type=config.prediction_type)
     return ddpm if vae is None else LatentDiffusion(vae=vae, ddpm=ddpm)
 
 
 def sample_ddpm(model: nn.Module, num: int, *, sampler: str, steps: int | None, generator: torch.Generator,
-                progress: bool = False) -> torch.Tensor:
-    """``num`` images in [0, 1] from a DDPM (whose images are in [-1, 1]) or a LatentDiffusion."""
+                progress: bool = False, sampling: dict | None = None) -> torch.Tensor:
+    """``num`` images in [0, 1] from a DDPM (whose images are in [-1, 1]; ``sampling``: the x̂₀ keywords of
+    :meth:`genfast.models.DDPM.sample`, default diffusers' — clipped to [-1, 1]) or a LatentDiffusion (whose
+    latents are never clipped: ``sampling`` must not ask for it)."""
     from ..models import DDPM
 
-    images = model.eval().sample(num, sampler=sampler, steps=steps, generator=generator, progress=progress)
-    return ((images + 1) / 2).clamp(0, 1) if isinstance(model, DDPM) else images
+    sampling = dict(sampling or {})
+    if isinstance(model, DDPM):
+        images = model.eval().sample(num, sampler=sampler, steps=steps, generator=generator, progress=progress,
+                                     **sampling)
+        return ((images + 1) / 2).clamp(0, 1)
+    if sampling.get("clip_sample") or sampling.get("thresholding"):
+        raise ValueError("latent diffusion does not clip or threshold its latents")
+    return model.eval().sample(num, sampler=sampler, steps=steps, generator=generator, progress=progress)
 
 
 class DDPMTask(Task):
@@ -332,7 +377,7 @@ class DDPMTask(Task):
     @torch.no_grad()
     def _sample(self, num, generator):
         return sample_ddpm(self.averaged("model"), num, sampler="ddim", steps=self.config.sample_steps,
-                           generator=generator)
+                           generator=generator, sampling=self.config.sampling)
 
     @torch.no_grad()
     def write_outputs(self, out, preview):
