@@ -173,7 +173,8 @@ def _add_x0_handling(group, *, default: str) -> None:
     group.add_argument("--dynamic-thresholding-ratio", type=_quantile, metavar="R",
                        help=f"quantile of |x̂₀| that sets the threshold ({default}: 0.995)")
     group.add_argument("--sample-max-value", type=_max_value, metavar="V",
-                       help=f"largest threshold ({default}: 1.0)")
+                       help=f"largest threshold ({default}: 1.0, diffusers' default, with which thresholding "
+                            "clips like --clip-sample; DeepFloyd IF samples with 1.5)")
 
 
 def _add_ddpm(p) -> None:

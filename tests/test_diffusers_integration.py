@@ -366,6 +366,17 @@ def test_schedulers_fall_back_to_diffusers_for_uncovered_calls(fused_calls):
         GenfastDDIMScheduler().step(eps, 10, x)
 
 
+@pytest.mark.parametrize("timestep", [100, -1])
+def test_a_tensor_timestep_out_of_range_is_one_line_naming_t(timestep):
+    """After set_timesteps, a one-element tensor timestep outside [0, T): the step's own check of t, not an
+    indexing error of the table of previous timesteps (nor a silent wrap-around for −1)."""
+    ours = GenfastDDPMScheduler(num_train_timesteps=100)
+    ours.set_timesteps(10)
+    x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"timestep must be in \[0, 100\)"):
+        ours.step(eps, torch.tensor(timestep), x)
+
+
 def test_missing_diffusers_raises_an_import_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
     monkeypatch.delitem(sys.modules, "genfast.integrations.diffusers")

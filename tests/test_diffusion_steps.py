@@ -378,13 +378,44 @@ def test_gradcheck_float64():
     noise = torch.randn(2, 3, 4, dtype=torch.float64)
     t = torch.tensor([3, 40])
     with genfast.use_backend("reference"):
-        for settings in (dict(), dict(clip_sample=False), dict(thresholding=True, dynamic_thresholding_ratio=0.8,
-                                                               sample_max_value=1.5, prediction_type="sample")):
+        for settings in (dict(), dict(clip_sample=False)):
             assert torch.autograd.gradcheck(lambda e, x: genfast.ddpm_step(e, t, x, SCHEDULE, noise, **settings),
                                             (y, x))
             assert torch.autograd.gradcheck(
                 lambda e, x: genfast.ddim_step(e, t, t - 30, x, SCHEDULE, 0.6, noise, use_clipped_model_output=True,
                                                **settings), (y, x))
+
+
+def test_gradcheck_float64_thresholded_with_the_threshold_held():
+    """Dynamic thresholding's s is a constant of the backward (the steps' docstrings say so; autograd through
+    diffusers' torch.quantile would pass a gradient through s too): gradcheck of the step ops with s given, and
+    the public steps' gradient equal to the ops' with their own s — an s inside (1, sample_max_value), so that it
+    scales x̂₀ (at its clamps gradcheck of the public steps would pass either way)."""
+    x, y = (2 * torch.randn(2, 3, 4, dtype=torch.float64) for _ in range(2))
+    x.requires_grad_(), y.requires_grad_()
+    noise = torch.randn(2, 3, 4, dtype=torch.float64)
+    t, t_prev = torch.tensor([3, 40]), torch.tensor([1, 10])
+    settings = dict(prediction_type="sample", thresholding=True, dynamic_thresholding_ratio=0.7, sample_max_value=4.0)
+    s = threshold_op(y.detach(), t, x.detach(), *tables(*Q_TABLES), "sample", 0.7, 4.0, "reference")
+    assert ((s > 1) & (s < 4)).all(), s
+
+    def ddpm(e, x_t):
+        return ddpm_op(e, t, None, x_t, noise, None, s, *tables(*STEP_TABLES), "sample", "fixed_small", None,
+                       "reference")
+
+    def ddim(e, x_t):
+        return ddim_op(e, t, t_prev, x_t, noise, None, s, *tables(*STEP_TABLES), 0.6, "sample", True, None,
+                       "reference")
+
+    grad = torch.randn(2, 3, 4, dtype=torch.float64)
+    with genfast.use_backend("reference"):
+        for op, public in ((ddpm, lambda: genfast.ddpm_step(y, t, x, SCHEDULE, noise, **settings)),
+                           (ddim, lambda: genfast.ddim_step(y, t, t_prev, x, SCHEDULE, 0.6, noise,
+                                                            use_clipped_model_output=True, **settings))):
+            assert torch.autograd.gradcheck(op, (y, x))
+            expected = torch.autograd.grad(op(y, x), (y, x), grad)
+            for actual, wanted in zip(torch.autograd.grad(public(), (y, x), grad), expected):
+                assert_grads_close(actual, wanted, torch.float64)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------------------

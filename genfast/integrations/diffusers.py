@@ -34,6 +34,7 @@ except ImportError as exc:  # not installed, or an install without these classes
         f'genfast.integrations.diffusers needs diffusers: pip install "genfast[diffusers]" ({exc})'
     ) from exc
 
+from .._validation import check_timesteps_range
 from ..composite import diffusion as composite
 from ..ops.diffusion import q_sample
 from ..ops.diffusion_steps import _x0_settings, ddim_step, ddpm_step, dynamic_threshold
@@ -252,7 +253,8 @@ class _FusedSchedulerMixin:
                               settings: dict) -> Tensor:
         """x̂₀ as diffusers returns it next to prev_sample — from the prediction type, clipped or thresholded —
         with the coefficients gathered on the device and the threshold from :func:`genfast.dynamic_threshold`
-        (nothing is read back)."""
+        (nothing is read back). Not fused: a few elementwise torch passes beside the step's one kernel, and with
+        thresholding the threshold's reduction a second time (the step finds its own)."""
         x0 = composite.x0_and_eps(model_output, t, sample, schedule, settings["prediction_type"])[0]
         s = None
         if settings["thresholding"]:
@@ -301,8 +303,9 @@ def _single_generator(generator) -> bool:
 
 class GenfastDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
     """``DDPMScheduler`` whose ``add_noise`` is :func:`genfast.q_sample` and whose ``step`` is
-    :func:`genfast.ddpm_step` — one kernel, x̂₀ handled inside it, the variance noise drawn in it from a seed taken
-    from ``generator`` — for every configuration the fused step computes: ``prediction_type`` "epsilon",
+    :func:`genfast.ddpm_step` — one kernel for ``prev_sample``, x̂₀ handled inside it, the variance noise drawn in it
+    from a seed taken from ``generator`` (``pred_original_sample`` beside it costs a few torch passes) — for every
+    configuration the fused step computes: ``prediction_type`` "epsilon",
     "v_prediction" or "sample"; ``clip_sample`` (any range) or ``thresholding``; ``variance_type`` "fixed_small"
     (the default), "fixed_small_log" or "fixed_large"; all T steps or ``set_timesteps`` with fewer (any spacing,
     custom timesteps too). Build it like the original: ``GenfastDDPMScheduler.from_config(scheduler.config)``.
@@ -345,11 +348,15 @@ class GenfastDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
         """(t, t_prev) for the fused step, or None for diffusers' step. t_prev is None (t − 1) without
         ``set_timesteps``; else the next entry of ``self.timesteps`` (−1 after the last): for an int from
         ``previous_timestep``, for a one-element tensor gathered on the device from a table of the timesteps
-        (a timestep not in them gets T there, which the step refuses)."""
+        (a timestep not in them gets T there, which the step refuses; one outside [0, T) is refused first, by a
+        device-side check, and gathered clamped)."""
         stepping = self.custom_timesteps or self.num_inference_steps
         if _timestep_tensor(timestep):
             t = _timestep_batch(timestep, sample)
-            return t, (self._previous_table(sample.device)[t] if stepping else None)
+            if not stepping:
+                return t, None
+            check_timesteps_range(t, self.config.num_train_timesteps, "timestep")
+            return t, self._previous_table(sample.device)[t.clamp(0, self.config.num_train_timesteps - 1)]
         t = _timestep_int(timestep)
         if t is None or not 0 <= t < self.config.num_train_timesteps:
             return None
@@ -371,7 +378,8 @@ class GenfastDDPMScheduler(_FusedSchedulerMixin, DDPMScheduler):
 
 class GenfastDDIMScheduler(_FusedSchedulerMixin, DDIMScheduler):
     """``DDIMScheduler`` whose ``add_noise`` is :func:`genfast.q_sample` and whose ``step`` is
-    :func:`genfast.ddim_step` — one kernel, x̂₀ handled inside it; with eta > 0 the noise is ``variance_noise`` or
+    :func:`genfast.ddim_step` — one kernel for ``prev_sample``, x̂₀ handled inside it (``pred_original_sample``
+    beside it costs a few torch passes); with eta > 0 the noise is ``variance_noise`` or
     drawn in the kernel from a seed taken from ``generator`` — for every configuration the fused step computes:
     ``prediction_type`` "epsilon", "v_prediction" or "sample"; ``clip_sample`` (any range) or ``thresholding``;
     ``use_clipped_model_output``; eta in [0, 1]; ``set_alpha_to_one`` either way (the last step uses ᾱ = 1, or ᾱ_0,

@@ -237,7 +237,8 @@ X0_HANDLING_DOC = """
       reduction over x_t and the model output before the step (no value is read back to the host).
 
     Gradients: a clipped or thresholded x̂₀ passes no gradient where it was clamped (outside the range), and the
-    threshold s is a constant of the backward (as if computed under ``torch.no_grad``).
+    threshold s is a constant of the backward (as if computed under ``torch.no_grad``; autograd through diffusers'
+    ``torch.quantile`` would also pass a gradient through s, where 1 < s < sample_max_value).
 """
 
 
