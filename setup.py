@@ -81,6 +81,7 @@ setup(
             "diffusers",
             "scikit-learn",
             "ninja",
+            "liger-kernel==0.5.2",  # the static model's calibration kernels (bench/calibration.py)
         ],
     },
     entry_points={"console_scripts": ["genfast = genfast.cli:main"]},

@@ -40,6 +40,7 @@ OPS_MARGIN_S = 15.0  # the ops stage stops starting cases this long before its t
 TEST_TIMEOUT_S = 120  # one test of tests/test_gpu.py (with pytest-timeout)
 SOURCE_FOLDERS = ("genfast", "kernels", "csrc", "bench", "tests")
 SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu"}
+WHEELS = ROOT / ".whl"  # wheels carried to a machine without network (ignored by git); installed by the install stage
 
 
 Commands = Callable[["Run", Path, float], list]
@@ -51,7 +52,8 @@ class Stage:
     ``timeout_s``, its files in ``folder`` (its own, under the run's scratch folder);
     ``dry_run_skip`` says why the dry run skips it (None: it runs there too); a ``background`` stage is started
     and left running beside the next ones, and joined before the report; a stage that ``waits_for`` one waits up
-    to WAIT_FOR_BACKGROUND_S for it to finish before it starts."""
+    to WAIT_FOR_BACKGROUND_S for it to finish before it starts; a stage that ``needs_install`` is skipped, with the
+    install stage's last line as the reason, where that stage failed or timed out."""
 
     name: str
     timeout_s: float
@@ -59,6 +61,7 @@ class Stage:
     dry_run_skip: Optional[str] = None
     background: bool = False
     waits_for: Optional[str] = None
+    needs_install: bool = True
 
 
 @dataclass
@@ -107,7 +110,12 @@ def _environment(run: Run, folder: Path, timeout_s: float) -> list:
 
 
 def _install(run: Run, folder: Path, timeout_s: float) -> list:
-    return [[run.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(ROOT)]]
+    """The prerequisites first (one line naming what is missing), the wheels carried in WHEELS (the calibration
+    stage's liger-kernel: the GPU machine has no network), then the offline editable install."""
+    wheels = sorted(str(p) for p in WHEELS.glob("*.whl"))
+    return ([[run.python, "-m", "bench.gpu_check", "--prerequisites"]]
+            + ([[run.python, "-m", "pip", "install", "--no-index", "--no-deps", *wheels]] if wheels else [])
+            + [[run.python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", str(ROOT)]])
 
 
 def _static(run: Run, folder: Path, timeout_s: float) -> list:
@@ -145,13 +153,15 @@ NO_INDUCTOR = "dry run: Inductor compiles take minutes on a CPU"
 # In order of value: the environment and the build first (everything needs them), the correctness tests, then
 # the timings. The static report compiles on the CPU only, so it runs beside the tests and timings.
 STAGES = (
-    Stage("environment", 60, _environment),
-    Stage("install", 240, _install, dry_run_skip="dry run: CI's venv has genfast installed (make install)"),
+    Stage("environment", 60, _environment, needs_install=False),
+    Stage("install", 240, _install, dry_run_skip="dry run: CI's venv has genfast installed (make install)",
+          needs_install=False),
     Stage("info", 60, _stage_module("info")),
     Stage("static", 360, _static, background=True,
           dry_run_skip="dry run: the sm_90 compiles take minutes on a CPU (tests/test_static.py checks the report)"),
     Stage("tests", 180, _tests),
     Stage("ops", 100, _ops(), waits_for="static"),  # its shapes are the static report's
+    Stage("calibration", 90, _stage_module("calibration")),  # the static model's calibration kernels, a copy sweep
     Stage("sampling", 100, _stage_module("sampling")),
     Stage("training", 60, _stage_module("training")),
     Stage("overhead", 60, _overhead),
@@ -196,29 +206,33 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _pump(stream, run: Run) -> None:
+def _pump(stream, run: Run, last: list) -> None:
     for line in stream:
         run.say(line.rstrip("\n"))
+        if line.strip():
+            last[:] = [line.strip()]
 
 
-def _run_command(run: Run, command: list, deadline: float) -> tuple[str, Optional[int]]:
-    """(status, rc) of one command, its output streamed into the log; "timeout" when ``deadline`` passes."""
+def _run_command(run: Run, command: list, deadline: float) -> tuple[str, Optional[int], str]:
+    """(status, rc, its last line of output) of one command, its output streamed into the log; "timeout" when
+    ``deadline`` passes."""
     run.say(f"$ {' '.join(command)}")
     try:
         process = _start(run, command, subprocess.PIPE)
     except OSError as exc:
         run.say(f"gpu-check: cannot start it: {exc}")
-        return "failed", None
-    pump = threading.Thread(target=_pump, args=(process.stdout, run), daemon=True)
+        return "failed", None, f"cannot start {command[0]}: {exc}"
+    last = [""]
+    pump = threading.Thread(target=_pump, args=(process.stdout, run, last), daemon=True)
     pump.start()
     try:
         rc = process.wait(timeout=max(0.0, deadline - time.perf_counter()))
     except subprocess.TimeoutExpired:
         _stop(process)
         pump.join(timeout=5)
-        return "timeout", None
+        return "timeout", None, last[0]
     pump.join(timeout=5)
-    return ("ok" if rc == 0 else "failed"), rc
+    return ("ok" if rc == 0 else "failed"), rc, last[0]
 
 
 def _record(stage: Stage, status: str, **fields) -> dict:
@@ -235,15 +249,15 @@ def run_stage(run: Run, stage: Stage) -> dict:
     run.say(f"\n==== {stage.name} (timeout {timeout_s:.0f} s) ====")
     start = time.perf_counter()
     deadline = start + timeout_s
-    status, rc, commands = "ok", 0, stage.commands(run, run.folder(stage.name), timeout_s)
+    status, rc, last, commands = "ok", 0, "", stage.commands(run, run.folder(stage.name), timeout_s)
     for command in commands:
-        status, rc = _run_command(run, command, deadline)
+        status, rc, last = _run_command(run, command, deadline)
         if status != "ok":
             break
     seconds = time.perf_counter() - start
     run.say(f"---- {stage.name}: {status} in {seconds:.1f} s" + (f" (exit code {rc})" if rc else ""))
     return _record(stage, status, rc=rc, seconds=round(seconds, 1), timeout_s=round(timeout_s),
-                   commands=[" ".join(c) for c in commands])
+                   commands=[" ".join(c) for c in commands], **({"last_line": last} if status != "ok" else {}))
 
 
 class Background:
@@ -284,10 +298,23 @@ class Background:
                        commands=[" ".join(c) for c in self.commands])
 
 
+def _install_failure(records: dict) -> Optional[str]:
+    """Why the stages that need the install cannot run (None: the install ran, was skipped or has not run yet)."""
+    install = records.get("install")
+    if install is None or install["status"] not in ("failed", "timeout"):
+        return None
+    return f"the install stage {install['status']}: {install.get('last_line') or 'see the log'}"
+
+
 def run_stages(run: Run, stages=STAGES) -> list[dict]:
     """Every stage in order (background ones beside the rest); a list of records in the order of ``stages``."""
     records, background = {}, {}
     for stage in stages:
+        failure = _install_failure(records) if stage.needs_install else None
+        if failure is not None:
+            run.say(f"\n==== {stage.name}: skipped ({failure})")
+            records[stage.name] = _record(stage, "skipped", reason=failure)
+            continue
         if stage.background and not (run.dry_run and stage.dry_run_skip) and run.left_s() >= MIN_STAGE_S:
             background[stage.name] = Background(run, stage)
             continue
@@ -343,6 +370,75 @@ def environment(folder: Path, commit: Optional[str]) -> int:
     return 0
 
 
+# ---- the install stage's prerequisites ---------------------------------------------------------------------------
+
+SETUPTOOLS_EDITABLE = (64,)  # the first setuptools with PEP 660 editable installs (pip install -e without setup.py develop)
+SETUPTOOLS_OWN_WHEEL = (70, 1)  # the first that builds wheels without the wheel package
+
+
+def _version(distribution: str) -> Optional[tuple]:
+    from importlib import metadata
+
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", metadata.version(distribution))[:3])
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_skip_reason() -> str:
+    """Why the CUDA C++ kernels would not be built here ("" where they would), by the build's own check
+    (genfast/cpp/__init__.py, loaded by path as setup.py does: genfast itself may not import yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_genfast_cpp_build", ROOT / "genfast" / "cpp" / "__init__.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build.cuda_skip_reason() or ""
+
+
+def missing_prerequisites() -> tuple[list[str], list[str]]:
+    """(what the offline ``pip install --no-deps --no-build-isolation -e .`` cannot do without, what it builds
+    without at a cost), each item a short phrase with the fix."""
+    import importlib.util
+    import sysconfig
+
+    missing, degraded = [], []
+    if _version("pip") is None:  # (not find_spec("pip"): setuptools' distutils shim turns itself off on that)
+        missing.append("pip (python -m ensurepip)")
+    setuptools = _version("setuptools")
+    if setuptools is None or setuptools < SETUPTOOLS_EDITABLE:
+        missing.append(f"setuptools >= 64 ({'none' if setuptools is None else '.'.join(map(str, setuptools))} "
+                       "installed)")
+    elif setuptools < SETUPTOOLS_OWN_WHEEL and _version("wheel") is None:
+        missing.append("wheel (setuptools < 70.1 needs it)")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"a C++ compiler ({compiler} is not on PATH; set CXX)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append("the Python headers (Python.h)")
+    if importlib.util.find_spec("torch") is None:
+        missing.append("torch")
+        return missing, degraded
+    if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
+        degraded.append("ninja (the build runs one compile at a time)")
+    cuda = _cuda_skip_reason()
+    if cuda:
+        degraded.append(f"the CUDA C++ kernels ({cuda}; the Triton and C++ CPU kernels are still built)")
+    return missing, degraded
+
+
+def prerequisites() -> int:
+    """The install stage's first command: one line, and exit code 1 where the install cannot work."""
+    missing, degraded = missing_prerequisites()
+    if degraded:
+        print("gpu-check install: building without " + "; ".join(degraded))
+    if missing:
+        print("gpu-check install: missing " + "; ".join(missing))
+        return 1
+    print("gpu-check install: prerequisites present")
+    return 0
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 
@@ -374,9 +470,12 @@ def main(argv=None) -> int:
                         help="a static report (or folder of them) to use when this run's static stage made none")
     parser.add_argument("--commit", help="the commit this tree is (where it is no git checkout)")
     parser.add_argument("--environment", type=Path, help=argparse.SUPPRESS)  # the environment stage itself
+    parser.add_argument("--prerequisites", action="store_true", help=argparse.SUPPRESS)  # the install's first step
     args = parser.parse_args(argv)
     if args.environment is not None:
         return environment(args.environment, args.commit)
+    if args.prerequisites:
+        return prerequisites()
     stamp = datetime.now(timezone.utc)
     out = _out(args, stamp)
     out.mkdir(parents=True, exist_ok=True)

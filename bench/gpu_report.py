@@ -4,7 +4,7 @@
   run goes), and the summary last;
 - ``gpu-check.json``: the run, the stages (status, exit code, seconds, timeout, commands), the environment, each
   stage's results (bench rows, test outcomes, the static and overhead reports) and the static predictions next to
-  the measured times;
+  the measured times (genfast's rows, and the calibration kernels of bench/calibration.py with the copy sweep);
 - ``gpu-check.csv``: one line per measurement, test and comparison, with a ``stage`` column;
 - ``gpu-check-speedup.png``, ``gpu-check-bandwidth.png`` (bench/report.py's charts of the per-op rows, drawn by
   the ops stage), ``gpu-check-sampling.png`` (images/s) and ``gpu-check-static-vs-measured.png``; a chart with
@@ -143,11 +143,43 @@ def static_vs_measured(results: dict, static_paths: list, gpu: str) -> dict:
     return dict(source=source, predicted_for=kind, static_rows=len(rows), matched=len(out), rows=out)
 
 
+def _static_calibration(paths: list) -> list[dict]:
+    """The "calibration" list of the newest static report in the first of ``paths`` that has one."""
+    for path in map(Path, paths):
+        found = [path] if path.is_file() else sorted(path.glob("static-sm90-*.json"), key=lambda p: p.stat().st_mtime)
+        for candidate in reversed(found):
+            report = _load(candidate)
+            if isinstance(report, dict) and report.get("calibration"):
+                return [p for p in report["calibration"] if isinstance(p, dict)]
+    return []
+
+
+def calibration_vs_measured(results: dict, static_paths: list, kind: str) -> list[dict]:
+    """Each calibration kernel the calibration stage timed on this GPU, next to its published time (another GPU:
+    the point's ``published_gpu``) and the static model's prediction for this GPU (``kind``: "h100" or "h200"); and
+    the second of two dependent calls (measured twice − once)."""
+    stage = results.get("calibration", {}).get("result") or {}
+    predicted = {(p.get("kernel"), p.get("shape"), p.get("dtype")): p for p in _static_calibration(static_paths)}
+    out = []
+    for row in stage.get("points", []):
+        if row.get("error") or row.get("measured_us") is None:
+            continue
+        point = predicted.get((row["kernel"], row["shape"], row["dtype"]), {})
+        out.append(dict(row, second_call_us=row["measured_twice_us"] - row["measured_us"],
+                        predicted_for=kind, predicted_us=point.get(f"predicted_us_{kind}"),
+                        measured_over_predicted=(row["measured_us"] / point[f"predicted_us_{kind}"]
+                                                 if point.get(f"predicted_us_{kind}") else None)))
+    return out
+
+
 def _csv_rows(results: dict, comparison: dict) -> list[dict]:
     rows = [dict(stage=stage, **r) for stage in (*BENCH_STAGES, "sampling") for r in _rows(results, stage)]
     rows += [dict(stage="overhead", **r) for r in _output_rows(results, "overhead")]
     rows += [dict(stage="tests", **case) for case in results.get("tests", {}).get("tests", [])]
     rows += [dict(stage="static-vs-measured", **r) for r in comparison["rows"]]
+    rows += [dict(stage="calibration", **r) for r in comparison.get("calibration", [])]
+    copies = (results.get("calibration", {}).get("result") or {}).get("copy", [])
+    rows += [dict(stage="copy-sweep", **r) for r in copies]
     return rows
 
 
@@ -245,6 +277,14 @@ def summary(records: list[dict], results: dict, comparison: dict) -> list[str]:
                      f"{speedups[len(speedups) // 2]:.2f}x, max {speedups[-1]:.2f}x")
     lines.append(f"static vs measured: {comparison['matched']} of {comparison['static_rows']} predictions matched "
                  f"({comparison['source'] or 'no static report'})")
+    for r in comparison.get("calibration", []):
+        versus = f", {r['measured_over_predicted']:.2f}x predicted" if r["measured_over_predicted"] else ""
+        lines.append(f"calibration {r['kernel']} {r['shape']} {r['dtype']}: {r['measured_us']:.1f} µs "
+                     f"(published {r['published_us']:.1f} on {r['published_gpu']}{versus}; second dependent call "
+                     f"{r['second_call_us']:.1f} µs)")
+    copies = (results.get("calibration", {}).get("result") or {}).get("copy", [])
+    if copies:
+        lines.append("copy sweep: " + ", ".join(f"{c['megabytes']} MB {c['bandwidth_gbps']:.0f} GB/s" for c in copies))
     return lines
 
 
@@ -264,9 +304,10 @@ def write(run, stamp: datetime, command: str) -> int:
     results = collect(run)
     comparison = dict(source=None, predicted_for=None, static_rows=0, matched=0, rows=[])
     gpu = (results.get("info", {}).get("result") or {}).get("gpu") or "cpu"
+    static_paths = [run.work / "static", *run.static_json, Path(__file__).resolve().parent / "results"]
     try:
-        comparison = static_vs_measured(results, [run.work / "static", *run.static_json,
-                                                  Path(__file__).resolve().parent / "results"], gpu)
+        comparison = static_vs_measured(results, static_paths, gpu)
+        comparison["calibration"] = calibration_vs_measured(results, static_paths, comparison["predicted_for"])
     except Exception:  # a broken comparison must not lose the run
         run.say("gpu-check: the comparison failed:\n" + traceback.format_exc())
     finished = datetime.now(timezone.utc)

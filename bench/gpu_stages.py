@@ -8,6 +8,8 @@
   (ops-compile): the same cases with torch.compile too.
 - ``sampling``: images/s of DDIM sampling for eager, genfast, genfast + CUDA graphs and
   torch.compile(mode="reduce-overhead").
+- ``calibration``: the static model's calibration kernels (bench/calibration.py: Liger-Kernel's LayerNorm and
+  RMSNorm forward at their published shapes, once and twice back to back) and a copy sweep of 1 MB – 1 GB.
 - ``training`` / ``training-compile``: one training step of the VAE, WGAN-GP and DDPM (bench/e2e.py): eager and
   genfast; eager and both under torch.compile.
 
@@ -28,10 +30,10 @@ import torch
 import genfast
 from genfast import models
 
-from . import e2e, ops, report, runner
+from . import calibration, e2e, ops, report, runner
 from .gpu_report import static_key, static_rows
 from .ops import Case
-from .timing import copy_bandwidth
+from .timing import copy_bandwidth, time_call
 
 MEASURED_DTYPES = (torch.float32, torch.bfloat16)
 DRY_CASES = (Case("group_norm_silu", (2, 64, 4, 4), "forward", "plain", "nhwc"),
@@ -169,6 +171,61 @@ def ops_stage(args) -> int:
     return 0
 
 
+# ---- calibration ---------------------------------------------------------------------------------------------
+COPY_SWEEP_MB = tuple(2**i for i in range(11))  # 1 MB – 1 GB
+DRY_COPY_SWEEP_MB = (1, 2, 4)
+
+
+def _copy_sweep(device: torch.device, sizes_mb: tuple, timing: dict) -> list[dict]:
+    """Device-to-device copy bandwidth per size (2·size bytes moved a call)."""
+    out = []
+    for mb in sizes_mb:
+        bandwidth = copy_bandwidth(device, nbytes=mb * 2**20, threads=timing["threads"],
+                                   min_run_time=timing["min_run_time"])
+        out.append(dict(megabytes=mb, bandwidth_gbps=bandwidth / 1e9))
+        print(f"copy {mb} MB: {bandwidth / 1e9:.1f} GB/s", flush=True)
+    return out
+
+
+def _timed_point(point, device: torch.device, timing: dict) -> dict:
+    """One calibration point's forward call timed like its published number (do_bench, L2 cleared, median), and
+    the same call twice back to back, the second on the first's output (a dependent launch)."""
+    row = dict(kernel=point.kernel, version=point.version, shape="x".join(map(str, point.shape)), dtype=point.dtype,
+               published_us=point.published_us, published_gpu=point.gpu, error=None)
+    try:
+        once = calibration.call(point, device.type)
+        once()
+        twice = calibration.call(point, device.type, repeat=2)
+        twice()
+        row["measured_us"] = time_call(once, device, **timing).median * 1e6
+        row["measured_twice_us"] = time_call(twice, device, **timing).median * 1e6
+    except Exception as exc:  # one point failing must not end the stage
+        row["error"] = runner.first_line(f"{type(exc).__name__}: {exc}")
+    return row
+
+
+def calibration_stage(args) -> int:
+    """The static model's calibration kernels (bench/calibration.py) timed on this GPU, and a copy sweep, so the
+    model's constants can be checked against the hardware they predict. On the CPU (the dry run): the copy sweep
+    on 1–4 MB; the Triton kernels need a GPU."""
+    device = _device()
+    timing = _timing(args.dry_run)
+    result = Result(args.dir, device=str(device), copy=[], points=[])
+    result.data["copy"] = _copy_sweep(device, DRY_COPY_SWEEP_MB if args.dry_run else COPY_SWEEP_MB, timing)
+    result.save()
+    reason = calibration.missing() or (None if device.type == "cuda" else "the Triton kernels need a GPU")
+    if reason:
+        result.data["points_skipped"] = reason
+        result.save()
+        print(f"gpu-check calibration: kernels not timed: {reason}")
+        return 0
+    for point in calibration.POINTS:
+        result.data["points"].append(_timed_point(point, device, timing))
+        result.save()
+        print(json.dumps(result.data["points"][-1]), flush=True)
+    return 0
+
+
 # ---- sampling --------------------------------------------------------------------------------------------------
 
 
@@ -255,7 +312,8 @@ def training(args) -> int:
     return 0
 
 
-STAGES = {"info": info, "ops": ops_stage, "sampling": sampling, "training": training}
+STAGES = {"info": info, "ops": ops_stage, "sampling": sampling, "training": training,
+          "calibration": calibration_stage}
 
 
 def main(argv=None) -> int:

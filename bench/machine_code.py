@@ -155,6 +155,7 @@ class MachineCode:
     ptx_instructions: int  # static count
     tile_loop_instructions: int  # PTX instructions in the loops that hold tile accesses
     accesses: list  # Access per global load and store of the PTX
+    local_accesses: int = 0  # SASS local-memory loads and stores (STL, LDL)
 
 
 def _tool(name: str) -> str:
@@ -259,7 +260,7 @@ def read(compiled, launch: Launch, streamed: tuple, workdir: Path) -> MachineCod
     count, in_loops, accesses = read_ptx(compiled.asm["ptx"], params, streamed)
     return MachineCode(int(fields.get("REG", 0)), int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
                        int(fields.get("SHARED", 0)), sum(1 for op in opcodes if op != "NOP"), count, in_loops,
-                       accesses)
+                       accesses, sum(1 for op in opcodes if op.startswith(("STL", "LDL"))))
 
 
 # ---- the CUDA C++ kernels -------------------------------------------------------------------------------------

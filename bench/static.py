@@ -4,7 +4,8 @@ on a machine without a GPU.
 Each row of the shape table calls genfast's public function (or, for the gradient penalty, its two registered ops)
 on CPU tensors with the backend forced to "triton": the launchers run for real and pick their plans, and every
 Triton launch is recorded, compiled for sm_90 as the JIT would specialise it for these arguments
-(``bench/machine_code.py``) and read. ``bench/roofline.py`` states the model. Writes
+(``bench/machine_code.py``) and read. ``bench/roofline.py`` states the model; ``bench/calibration.py``'s points
+(published timings of public kernels, scored the same way) go into the report as ``"calibration"``. Writes
 ``static-sm90-<date>[-quick].md`` and ``.json`` under ``--out``.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from . import machine_code, roofline
+from . import calibration, machine_code, roofline
 from .report import machine_info
 
 GROUPS = 32
@@ -36,6 +37,10 @@ GROUPS = 32
 LAUNCH_BUDGET = {("group_norm_silu", "forward"): 2, ("group_norm_silu", "backward"): 3,
                  ("diffusion_loss", "forward"): 3, ("ddim_step", "forward", "threshold"): 5}
 PER_SAMPLE_BUDGET = 2
+# local memory a row may have: one 8-byte slot, one store and one load per thread (Triton 3.6's ptxas saves a
+# register so around the single-pass GroupNorm forward to keep 3 CTAs of 512 threads a SM; a register limit that
+# avoids it costs a third of the resident warps)
+SAVED_REGISTER = (8, 2)
 # torch kernels that are not the op's computation, reported in their own columns: drawing random numbers (the
 # Philox seed) and checking tensor timesteps on the device without a sync (torch._assert_async of a range test)
 RNG_OPS = ("aten.randint", "aten.rand", "aten.randn")
@@ -179,8 +184,9 @@ def _row(case: Case, direction: str, recording, workdir: Path) -> dict:
     kernels, scalar = [], 0
     for launch in recording.triton:
         streamed = getattr(sys.modules[launch.kernel.fn.__module__], "STREAMED", ())
-        code = machine_code.read(machine_code.compile_launch(launch), launch, streamed, workdir)
-        kernels.append(roofline.estimate(launch, code, elements))
+        compiled = machine_code.compile_launch(launch)
+        code = machine_code.read(compiled, launch, streamed, workdir)
+        kernels.append(roofline.estimate(launch, code, elements, roofline.is_reduction(compiled)))
         if vector_possible > itemsize:
             scalar += sum(1 for a in code.accesses if a.tile and a.width <= itemsize)
     rng = [op for op in recording.torch_ops if op.startswith(RNG_OPS)]
@@ -197,6 +203,7 @@ def _row(case: Case, direction: str, recording, workdir: Path) -> dict:
                load_bytes=sorted({w for k in kernels for w in k.load_bytes}),
                store_bytes=sorted({w for k in kernels for w in k.store_bytes}),
                scalar_accesses=scalar, spills=sum(k.spill_bytes for k in kernels),
+               local_accesses=sum(k.local_accesses for k in kernels),
                registers=max((k.registers for k in kernels), default=0),
                ctas_per_sm=min((k.ctas_per_sm for k in kernels if k.traffic), default=0),
                bytes_in_flight_per_sm=min((k.in_flight_per_sm for k in kernels if k.traffic), default=0),
@@ -209,9 +216,12 @@ def _row(case: Case, direction: str, recording, workdir: Path) -> dict:
     # an op that moves less than bandwidth × latency cannot keep the memory pipeline full even with all of its
     # bytes in flight at once (3.0 MB on an H200): latency, not bandwidth, bounds it
     row["smaller_than_latency_h200"] = case.minimal_bytes[direction] < roofline.H200.bandwidth * roofline.H200.latency_s
+    all_launches = launches + len(rng) + len(checks)
     for key, gpu in roofline.GPUS.items():
-        seconds = sum(k.seconds[key] for k in kernels)
+        seconds, high = roofline.op_seconds([k.seconds[key] for k in kernels], all_launches, gpu)
+        low, high = roofline.predicted_range(seconds, high)
         row[f"predicted_us_{key}"] = seconds * 1e6
+        row[f"predicted_range_us_{key}"] = [low * 1e6, high * 1e6]
         row[f"predicted_fraction_{key}"] = (case.minimal_bytes[direction] / gpu.bandwidth / seconds
                                             if seconds else 0.0)
     return row
@@ -237,22 +247,28 @@ def rows(quick: bool, ops=None, progress=None) -> list[dict]:
 # ---- the report ------------------------------------------------------------------------------------------------
 def problems(row: dict) -> list[str]:
     """What a row breaks of the rules ``make test`` checks: scalar tile accesses where vectors are possible, local
-    memory, launches over budget."""
+    memory beyond one register saved and restored once (SAVED_REGISTER: ptxas keeps an occupancy step that way),
+    launches over budget."""
     found = []
     if row["scalar_accesses"]:
         found.append(f"{row['scalar_accesses']} scalar tile accesses (vectors of {row['vector_bytes_possible']} B "
                      "possible)")
-    if row["spills"]:
-        found.append(f"{row['spills']} B of local memory")
+    if row["spills"] > SAVED_REGISTER[0] or row.get("local_accesses", 0) > SAVED_REGISTER[1]:
+        found.append(f"{row['spills']} B of local memory ({row.get('local_accesses', 0)} local accesses)")
     if not row["within_launch_budget"]:
         found.append(f"{row['launches']} launches (budget {row['launch_budget']}: "
                      f"{', '.join(k['name'] for k in row['kernels'])}; torch {row['torch_kernels']})")
     return found
 
 
+def _us(row: dict, gpu: str) -> str:
+    low, high = row[f"predicted_range_us_{gpu}"]
+    return f"{row[f'predicted_us_{gpu}']:.1f} ({low:.1f}–{high:.1f})"
+
+
 def table(rows_: list[dict]) -> str:
     head = ("| op | shape | layout | dtype | variant | dir | launches (+rng +checks) | ld/st B | scalar | regs | CTAs/SM | "
-            "KB in flight/SM | instr/elem | H200 µs | H200 % | H100 % |")
+            "KB in flight/SM | instr/elem | H200 µs (range) | H200 % | H100 µs (range) | H100 % |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows_:
         ldst = f"{'/'.join(map(str, r['load_bytes'])) or '-'} / {'/'.join(map(str, r['store_bytes'])) or '-'}"
@@ -261,8 +277,8 @@ def table(rows_: list[dict]) -> str:
                      f"(+{r['rng_launches']} +{r['check_launches']}) | {ldst} | "
                      f"{r['scalar_accesses']} | {r['registers']} | {r['ctas_per_sm']} | "
                      f"{r['bytes_in_flight_per_sm'] / 1024:.0f} | {r['instructions_per_element']:.1f} | "
-                     f"{r['predicted_us_h200']:.1f} | {100 * r['predicted_fraction_h200']:.0f} | "
-                     f"{100 * r['predicted_fraction_h100']:.0f} |")
+                     f"{_us(r, 'h200')} | {100 * r['predicted_fraction_h200']:.0f} | "
+                     f"{_us(r, 'h100')} | {100 * r['predicted_fraction_h100']:.0f} |")
     return "\n".join(lines)
 
 
@@ -297,6 +313,15 @@ def _cuda_kernels() -> list[dict]:
         return []
 
 
+def _calibration() -> tuple[list[dict], str | None]:
+    """The calibration points scored by the model (bench/calibration.py), or [] and why not."""
+    reason = calibration.missing()
+    if reason:
+        print(f"calibration left out: {reason}", file=sys.stderr)
+        return [], f"Left out: {reason}."
+    return calibration.records(calibration.compile_all()), None
+
+
 def run(args) -> int:
     started = time.perf_counter()
     import triton
@@ -306,16 +331,22 @@ def run(args) -> int:
     found = rows(args.quick, args.ops, progress=lambda c: print(f"  {c.op} {c.shape} {c.layout} {c.dtype} {c.variant}",
                                                       file=sys.stderr))
     cuda = [] if args.quick else _cuda_kernels()
+    calibration_points, calibration_note = _calibration()
     machine = machine_info(torch.device("cpu"), 1)
     info = dict(commit=machine["commit"], tree=machine["tree"], triton=triton.__version__, torch=torch.__version__,
                 arch=f"sm_{machine_code.ARCH}", gpus={k: vars(g) for k, g in roofline.GPUS.items()},
+                model=dict(vars(roofline.MODEL), dependent_latencies=roofline.DEPENDENT_LATENCIES,
+                           residuals=roofline.RESIDUALS),
                 created_utc=stamp.isoformat(timespec="seconds"), wall_s=round(time.perf_counter() - started, 1))
-    stem.with_suffix(".json").write_text(json.dumps(dict(info=info, rows=found, cuda_kernels=cuda), indent=1) + "\n")
+    report = dict(info=info, rows=found, calibration=calibration_points, cuda_kernels=cuda)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     text = (f"# Static sm_90 report ({'quick subset' if args.quick else 'full table'})\n\n"
             f"Commit {info['commit']}, Triton {info['triton']}, torch {info['torch']}; model in bench/README.md ("
             + "; ".join(f"{g.name}: {g.sms} SMs, {g.clock_hz / 1e9:.4g} GHz, {g.bandwidth / 1e12:.1f} TB/s"
                         for g in roofline.GPUS.values()) + ").\n\n"
             f"{_summary(found)}\n\n{table(found)}\n")
+    text += "\n## Calibration: published timings of public kernels against the model\n\n" + (
+        calibration_note or calibration.table(calibration_points)) + "\n"
     broken = [f"- {r['op']} {r['shape']} {r['layout']} {r['dtype']} {r['variant']} {r['direction']}: "
               + "; ".join(problems(r)) for r in found if problems(r)]
     if broken:

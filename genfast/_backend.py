@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -33,6 +34,7 @@ DEVICES = {
 MODULES = {"reference": "genfast.reference", "triton": "genfast.kernels"}  # the package of an op's module
 
 _current: str | None = None
+_ENVIRONMENT_KEY = os.environ.encodekey("GENFAST_BACKEND")  # os.environ's key in its raw mapping (bytes on POSIX)
 
 
 def _check_name(name: str, source: str) -> str:
@@ -51,7 +53,18 @@ def get_backend() -> str:
     """The backend name in force: the last ``set_backend``, else ``$GENFAST_BACKEND``, else ``"auto"``."""
     if _current is not None:
         return _current
-    return _check_name(os.environ.get("GENFAST_BACKEND", "auto"), "GENFAST_BACKEND")
+    # every op asks: os.environ's raw mapping is read directly (os.environ.get encodes the key and decodes the value,
+    # ~1.5 µs a call); a change through os.environ, monkeypatch.setenv included, is seen at the next call. A plain
+    # dict holds the checked names (dynamo traces it; it warns about an lru_cache, whose cache it bypasses).
+    raw = os.environ._data.get(_ENVIRONMENT_KEY)
+    name = _environment_names.get(raw)
+    if name is None:
+        name = _environment_names[raw] = _check_name("auto" if raw is None else os.environ.decodevalue(raw),
+                                                     "GENFAST_BACKEND")
+    return name
+
+
+_environment_names: dict = {}  # $GENFAST_BACKEND's raw value (None: unset, "auto") -> its checked backend name
 
 
 @contextlib.contextmanager
@@ -72,7 +85,15 @@ def _triton_import_error() -> str | None:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton cannot be imported ({exc})"
+    if importlib.util.find_spec(MODULES["triton"]) is None:  # kernels/ is mapped to genfast.kernels by the install
+        return (f"{MODULES['triton']} cannot be imported: genfast is not installed (the repository's kernels/ "
+                "becomes genfast.kernels with `pip install -e .`)")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_error() -> str | None:
+    return importlib.import_module(f"{MODULES['triton']}.interpreter_probe").interpreter_error()
 
 
 def why_not(backend: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -101,6 +122,8 @@ def why_not(backend: str, device: str | torch.device = "cpu", dtype: torch.dtype
         if device_type == "cpu" and not triton_interpret():
             return ("on CPU tensors it runs the Triton interpreter, which needs TRITON_INTERPRET=1 in the "
                     "environment before genfast is imported")
+        if device_type == "cpu":
+            return _interpreter_error()
         return None
     return cpp.load_error(device_type)
 
@@ -213,11 +236,12 @@ class FusedOp:
         # the C++ extension's ``cpp_<name>_autograd``: the same op and backward with its autograd node in C++
         self._cpp_autograd = f"{name}_autograd" if cpp_autograd else None
         self._autograd = None
+        self._kernels = {}  # backend -> what run(family, name, ...) calls: see _kernel
         if backward is not None:
             op.register_autograd(backward, setup_context=setup_context)
 
             def forward(ctx, *args):
-                output = run(family, name, *args)
+                output = _launch(self._kernel(args[-1]), args[:-1])
                 setup_context(ctx, args, output)
                 return output
 
@@ -231,4 +255,12 @@ class FusedOp:
             if self._cpp_autograd is not None and args[-1] == "cpp":
                 return run(self.family, self._cpp_autograd, *args)
             return self.op(*args) if self._autograd is None else self._autograd.apply(*args)
-        return run(self.family, self.name, *args)
+        return _launch(self._kernels.get(args[-1]) or self._kernel(args[-1]), args[:-1])
+
+    def _kernel(self, backend: str):
+        """``run``'s ``implementation(backend, family).<name>``, looked up once per backend (every eager call
+        needs it)."""
+        kernel = self._kernels.get(backend)
+        if kernel is None:
+            kernel = self._kernels[backend] = getattr(implementation(backend, self.family), self.name)
+        return kernel

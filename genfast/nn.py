@@ -1,6 +1,7 @@
 """nn.Module wrappers of genfast's fused ops."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -8,6 +9,9 @@ from torch import Tensor
 from torch.nn import Module, Parameter, init
 
 from .ops.group_norm_silu import check_eps, check_groups, group_norm_silu
+
+
+GROUP_NORM_TAKES_BIAS = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
 
 
 class GroupNormSiLU(Module):
@@ -47,5 +51,9 @@ class GroupNormSiLU(Module):
                                shift=shift)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"bias={self.bias is not None}")
+        """As the installed torch's nn.GroupNorm prints itself: ``bias=`` where its GroupNorm takes one (torch 2.14,
+        not 2.11), else only for an affine module without bias, which that GroupNorm cannot be."""
+        text = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        if GROUP_NORM_TAKES_BIAS or (self.affine and self.bias is None):
+            text += f", bias={self.bias is not None}"
+        return text

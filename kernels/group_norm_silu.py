@@ -19,7 +19,8 @@ Paths (chosen by `_plan`):
   stats kernel writes partial (count, mean − K, M2); an apply kernel merges its group's partials in a fixed order
   and normalizes its tiles. Backward: a reduce kernel writes partial per-(b, c) sums; the dx kernel's programs
   each merge their row's partials into the two per-group coefficients (the first program of a row also writes its
-  per-(b, c) gradients) and apply them: x is read twice forward, x and dy twice backward.
+  per-(b, c) gradients) and apply them: x is read twice forward, x and dy twice backward. NHWC groups of a width
+  that is not a power of two take window tiles instead (kernels/group_norm_window.py), no lane idle.
 The kernels that read add, scale or shift have the flags HAS_ADD / HAS_SCALE_SHIFT (absent inputs cost no
 zero-filling launch); every kernel has the group's channel count CPG as a constant, so a group's first channel
 (bg % G)·CPG has a known divisibility and NHWC tiles load and store vectors. weight, bias, add, scale and shift are
@@ -70,26 +71,32 @@ class _Plan(NamedTuple):
     n_cblocks: int = 1  # split path: channel blocks per group ...
     n_sp: int = 1  # ... spatial splits per channel block ...
     per_split: int = 1  # ... and tiles per spatial split
+    window: bool = False  # split path in window tiles (kernels/group_norm_window.py): block_c channels of a sample
 
 
 def _plan(channels_per_group: int, spatial: int, rows: int, channels_contiguous: bool = False,
-          sms: int | None = None) -> _Plan:
+          sms: int | None = None, channels: int = 0) -> _Plan:
     """The path and tiling for groups of ``channels_per_group`` × ``spatial`` elements, ``rows`` = B·G groups. On
     the split path channel blocks of a layout whose channels are not contiguous (NCHW) divide the group's channels
-    (no idle lanes for 10 channels a group: blocks of 2); NHWC blocks cover them (10 in a block of 16)."""
+    (no idle lanes for 10 channels a group: blocks of 2); NHWC blocks cover them (a power of two), and groups of
+    other widths take windows of a power of two dividing all ``channels`` (C) and spanning several groups."""
     block_c = triton.next_power_of_2(max(channels_per_group, 1))
     block_s = triton.next_power_of_2(max(spatial, 1))
     if block_c <= MAX_BLOCK_C and block_c * block_s <= MAX_SINGLE_TILE:
         num_warps = min(16, max(1, block_c * block_s // (32 * SINGLE_ELEMENTS_PER_THREAD)))
         return _Plan(True, block_c, block_s, num_warps)
     dividing = max(1, channels_per_group & -channels_per_group)  # the largest power of two dividing it (C = 0: 1)
-    block_c = min(block_c if channels_contiguous else dividing, MAX_BLOCK_C)
+    window = min(channels & -channels, MAX_BLOCK_C)
+    windowed = channels_contiguous and dividing < channels_per_group <= window  # CPG not a power of two
+    block_c = window if windowed else min(block_c if channels_contiguous else dividing, MAX_BLOCK_C)
     block_s = max(1, SPLIT_TILE // block_c)
-    n_cblocks = triton.cdiv(channels_per_group, block_c)
+    n_cblocks = channels // window if windowed else triton.cdiv(channels_per_group, block_c)
+    rows = rows * channels_per_group // channels if windowed else rows  # windows: programs per sample
     n_tiles = max(1, triton.cdiv(spatial, block_s))
     n_sp = max(1, min(n_tiles, triton.cdiv(SPLIT_PROGRAMS_PER_SM * (sms or DEFAULT_SMS), rows * n_cblocks)))
     per_split = triton.cdiv(n_tiles, n_sp)
-    return _Plan(False, block_c, block_s, SPLIT_WARPS, n_cblocks, triton.cdiv(n_tiles, per_split), per_split)
+    return _Plan(False, block_c, block_s, SPLIT_WARPS, n_cblocks, triton.cdiv(n_tiles, per_split), per_split,
+                 windowed)
 
 
 # Split counts stay out of Triton's value specialisation (a 1 would compile one more
@@ -454,7 +461,8 @@ def _launch_setup(x, num_groups, silu, flags):
     """(rows B·G, the plan, the kernels' shape arguments, N, the constexprs every kernel of the plan takes)."""
     batch, cpg, spatial, shape, n = _geometry(x, num_groups)
     rows = batch * num_groups
-    plan = _plan(cpg, spatial, rows, channels_contiguous=_channels_contiguous(shape), sms=_sm_count(x.device))
+    plan = _plan(cpg, spatial, rows, channels_contiguous=_channels_contiguous(shape), sms=_sm_count(x.device),
+                 channels=shape[1])
     blocks = dict(CPG=cpg, SILU=bool(silu), **flags, BLOCK_C=plan.block_c, BLOCK_S=plan.block_s,
                   num_warps=plan.num_warps)
     return rows, plan, shape, n, blocks
@@ -473,6 +481,8 @@ def group_norm_silu(x, weight, bias, add, scale, shift, num_groups, eps, silu):
     if plan.single:
         _fwd_single_kernel[(rows,)](x, w, b, add, scale, shift, y, mean, rstd, *shape, n, eps, INNER=inner, **blocks)
         return y, mean, rstd
+    if plan.window:
+        return _window.forward(x, w, b, add, scale, shift, y, mean, rstd, shape, eps, plan, blocks)
     grid = (rows, plan.n_cblocks * plan.n_sp)
     part = torch.empty((3, rows, grid[1]), dtype=torch.float32, device=x.device)
     stats_blocks = {k: v for k, v in blocks.items() if k not in ("HAS_SCALE_SHIFT", "SILU")}
@@ -499,6 +509,8 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
         args = (w, b, add_k, scale_k, shift_k, mean, rstd)
         if plan.single:
             _bwd_single_kernel[(rows,)](x, grad_y, *args, dx, dparam, *grads, *shape, n, **blocks)
+        elif plan.window:
+            _window.backward(grad_y, x, args, dx, dparam, grads, shape, n, plan, blocks)
         else:
             grid = (rows, plan.n_cblocks * plan.n_sp)
             part = torch.empty((3, rows, plan.n_sp, blocks["CPG"]), dtype=torch.float32, device=x.device)
@@ -515,3 +527,6 @@ def group_norm_silu_backward(grad_y, x, weight, bias, add, scale, shift, mean, r
     dadd, dscale, dshift = grads
     return (dx, dweight, dbias, optional_grad(dadd, add, x), optional_grad(dscale, scale, x),
             optional_grad(dshift, shift, x))
+
+
+from . import group_norm_window as _window  # noqa: E402  (its kernels use the helpers above)

@@ -73,11 +73,14 @@ def test_cosine_schedule_closed_form():
     torch.testing.assert_close(s.alphas_cumprod[:first_clipped],
                                torch.tensor([alpha_bar(t + 1) for t in range(first_clipped)], dtype=torch.float64),
                                rtol=1e-10, atol=0)
-    # diffusers' squaredcos_cap_v2 is the same schedule, rounded to float32
-    from diffusers import DDPMScheduler
 
-    theirs = DDPMScheduler(num_train_timesteps=T_, beta_schedule="squaredcos_cap_v2").betas
-    torch.testing.assert_close(s.betas.float(), theirs, **TOLERANCES[torch.float32])
+
+def test_cosine_schedule_is_diffusers_squaredcos_cap_v2():
+    """diffusers' squaredcos_cap_v2 is the same schedule, rounded to float32."""
+    theirs = pytest.importorskip("diffusers").DDPMScheduler(num_train_timesteps=1000,
+                                                            beta_schedule="squaredcos_cap_v2").betas
+    ours = genfast.NoiseSchedule.cosine(num_steps=1000, s=0.008).betas
+    torch.testing.assert_close(ours.float(), theirs, **TOLERANCES[torch.float32])
 
 
 def test_schedule_to_keeps_float64_and_moves_buffers():

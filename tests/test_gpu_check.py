@@ -4,6 +4,7 @@ the ``genfast bench`` modes the run calls."""
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -71,7 +72,8 @@ def test_make_gpu_check_dry_run(tmp_path):
     assert data["environment"]["source_digest"] and data["environment"]["packages"]
     with open(out / "gpu-check.csv", newline="") as f:
         kinds = {row["stage"] for row in csv.DictReader(f)}
-    assert kinds == {"ops", "training", "sampling", "overhead", "tests", "static-vs-measured"}
+    assert kinds == {"ops", "training", "sampling", "overhead", "tests", "static-vs-measured", "copy-sweep"}
+    assert all(r["megabytes"] > 0 and r["bandwidth_gbps"] > 0 for r in results["calibration"]["result"]["copy"])
     log = (out / "gpu-check.log").read_text()
     assert "nvidia_smi:" in log and log.rstrip().splitlines()[-1].startswith("wrote 7 files")
 
@@ -106,6 +108,34 @@ def test_a_failing_or_hanging_stage_does_not_stop_the_run(tmp_path):
     spent = _run(tmp_path, budget_s=gpu_check.REPORT_RESERVE_S)  # nothing left beyond the report's reserve
     (record,) = gpu_check.run_stages(spent, stages[-1:])
     assert record["status"] == "skipped" and "no time left" in record["reason"]
+
+
+def test_a_failed_install_skips_the_stages_that_need_it(tmp_path):
+    """The stages after a failed install are skipped with its last line as the reason (background ones too),
+    instead of failing one by one; the stages that do not need it still run."""
+    fail = "import sys; print('gpu-check install: missing setuptools >= 64 (none installed)'); sys.exit(1)"
+    stages = (gpu_check.Stage("environment", 30, _python("print('env')"), needs_install=False),
+              gpu_check.Stage("install", 30, _python(fail), needs_install=False),
+              gpu_check.Stage("static", 30, _python("print('static')"), background=True),
+              gpu_check.Stage("tests", 30, _python("print('tests')")))
+    run = _run(tmp_path)
+    records = {r["name"]: r for r in gpu_check.run_stages(run, stages)}
+    assert [r["status"] for r in records.values()] == ["ok", "failed", "skipped", "skipped"]
+    for name in ("static", "tests"):
+        assert records[name]["reason"] == ("the install stage failed: gpu-check install: missing setuptools >= 64 "
+                                           "(none installed)")
+
+
+def test_the_install_stage_names_a_missing_prerequisite_in_one_line(tmp_path):
+    """The install stage's first command exits 1 with one line naming what is missing (here the C++ compiler)."""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"))
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--prerequisites"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stdout.splitlines() if "missing" in line]
+    assert done.returncode == 1, done.stderr
+    assert lines == [f"gpu-check install: missing a C++ compiler ({tmp_path / 'no-such-compiler'} is not on PATH; "
+                     "set CXX)"]
+    assert gpu_check.STAGES[1].commands(_run(tmp_path), tmp_path, 60)[0][-1] == "--prerequisites"
 
 
 @pytest.mark.parametrize("argv", [["--static", "--quick", "--out", "x"], ["--overhead", "--quick", "--out", "x"]])

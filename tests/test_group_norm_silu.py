@@ -251,6 +251,7 @@ def test_kernels_within_a_few_ulps_of_the_reference_fp32(kernel_backend):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_split_path(monkeypatch, dtype, layout):
+    skip_unless_usable("triton")
     force_split(monkeypatch)
     plan = K._plan(2, 35, 6)
     assert not plan.single and plan.n_sp > 1 and plan.per_split > 1  # several splits of several tiles
@@ -269,11 +270,65 @@ def test_split_path(monkeypatch, dtype, layout):
 def test_split_path_channel_blocks(monkeypatch, layout, activation):
     """6 channels per group: NHWC in blocks of 4 (a full and a partial channel block per group), NCHW in blocks of
     2 (the largest power of two dividing 6)."""
+    skip_unless_usable("triton")
     force_split(monkeypatch, max_block_c=4)
     plan = K._plan(6, 15, 4, channels_contiguous=layout == "channels_last")
     assert not plan.single and plan.n_cblocks == (2 if layout == "channels_last" else 3)
     with genfast.use_backend("triton"):
         check(make_inputs((2, 12, 3, 5), layout=layout), 2, "triton", activation=activation)
+
+
+# channels per group that are not a power of two (10, 12, 20, 40), 8 groups: NHWC windows of 16, 32, 32, 64
+# channels (C & -C) spanning several groups and parts of groups at their edges; NCHW channel blocks of 2, 4, 4, 8
+# (dividing the group); 9 positions (odd: 3 × 3)
+WINDOW_CASES = [(80, 10, "channels_last"), (96, 12, "channels_last"), (160, 20, "channels_last"),
+                (320, 40, "channels_last"), (80, 10, "contiguous"), (96, 12, "contiguous")]
+
+
+@pytest.mark.parametrize("channels, cpg, layout", WINDOW_CASES, ids=[f"cpg{c}-{lay}" for _, c, lay in WINDOW_CASES])
+def test_split_path_windows(monkeypatch, layout, channels, cpg):
+    """NHWC groups of a width that is not a power of two take window tiles (every lane a channel); NCHW keeps
+    channel blocks dividing the group. Forward and backward (all options, a random upstream gradient) against the
+    float64 composite and the reference; NHWC windows of 10 channels a group also bitwise reproducible."""
+    skip_unless_usable("triton")
+    force_split(monkeypatch)
+    plan = K._plan(cpg, 9, 16, channels_contiguous=layout == "channels_last", channels=channels)
+    assert not plan.single and plan.window == (layout == "channels_last")
+    if plan.window:  # several splits of several tiles
+        assert plan.n_sp > 1 and plan.block_c == channels & -channels >= cpg
+        assert plan.n_cblocks * plan.block_c == channels
+    inputs = make_inputs((2, channels, 3, 3), layout=layout)
+    with genfast.use_backend("triton"):
+        check(inputs, channels // cpg, "triton")
+        if plan.window and cpg == 10:
+            grad_y = torch.randn(2, channels, 3, 3)
+            again = forward_backward(genfast.group_norm_silu, inputs, grad_y, num_groups=channels // cpg)
+            twice = forward_backward(genfast.group_norm_silu, inputs, grad_y, num_groups=channels // cpg)
+            assert torch.equal(again[0], twice[0])
+            assert all(torch.equal(again[1][k], twice[1][k]) for k in again[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_path_windows_half(monkeypatch, dtype):
+    """Window tiles in 16-bit dtypes, plain (no add / scale-shift), with and without SiLU."""
+    skip_unless_usable("triton")
+    force_split(monkeypatch)
+    with genfast.use_backend("triton"):
+        for activation in ("silu", None):
+            check(make_inputs((1, 80, 3, 3), dtype, add=False, scale=False, shift=False, layout="channels_last"), 8,
+                  "triton", activation=activation)
+
+
+def test_split_path_windows_large_mean(monkeypatch):
+    """x = 1000 + noise on the window path: each group's statistics are taken about its own first element."""
+    skip_unless_usable("triton")
+    force_split(monkeypatch)
+    inputs = make_inputs((1, 80, 3, 3), add=False, layout="channels_last")
+    inputs["x"] = 1000.0 + inputs["x"]
+    with genfast.use_backend("triton"):
+        y, _ = forward_backward(genfast.group_norm_silu, inputs, torch.randn(1, 80, 3, 3), num_groups=8)
+    y64, _ = forward_backward(composite, inputs, torch.randn(1, 80, 3, 3), torch.float64, num_groups=8)
+    assert_close(y, y64)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -307,6 +362,7 @@ def test_large_mean(monkeypatch, backend_name, path, layout):
 def test_dense_layouts_read_in_place(monkeypatch, layout):
     """NCHW, channels_last and a channels-last (B, C, L) x reach the kernels as they are (their own storage and
     strides: no layout copy), forward and backward, and y and dx come back in x's layout."""
+    skip_unless_usable("triton")
     seen = []
 
     class Spy:
@@ -407,6 +463,8 @@ def test_module_matches_groupnorm_silu(backend):
 
 @pytest.mark.parametrize("options", [dict(affine=False), dict(bias=False)], ids=["no_affine", "no_bias"])
 def test_module_options(backend, options):
+    if "bias" in options and not genfast.nn.GROUP_NORM_TAKES_BIAS:
+        pytest.skip(f"torch {torch.__version__}'s nn.GroupNorm has no bias argument to compare with")
     fused = genfast.nn.GroupNormSiLU(2, 4, **options)
     plain = nn.GroupNorm(2, 4, **options)
     assert fused._parameters.keys() == plain._parameters.keys()

@@ -282,7 +282,8 @@ def test_the_overhead_bench_writes_its_table(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     (result,) = tmp_path.glob("cpu-*-overhead-quick-t.json")
     rows = json.loads(result.read_text())["rows"]
-    assert {(r["mode"], r["impl"]) for r in rows} >= {("no grad", "eager"), ("grad", "genfast-reference")}
+    assert {(r["mode"], r["impl"]) for r in rows} >= {("no grad", "eager"), ("grad", "genfast-reference"),
+                                                      ("grad", "genfast-default")}
     assert all(r["blocks"] == 2 and r["us_per_call"] > 0 for r in rows)
     table = result.with_suffix(".md").read_text()
     assert "| q_sample 2x3x4x4 | grad |" in table and "of eager" in table

@@ -148,7 +148,7 @@ def test_same_seed_same_noise_on_every_backend():
     logvar = torch.zeros(3, 1000)
     z = {}
     backends = [b for b in BACKENDS if skip_reason(b, op=OP) is None]
-    assert {"reference", "triton"} <= set(backends)
+    assert "reference" in backends and len(backends) >= 2, backends  # and a kernel backend at least
     for backend in backends:
         with genfast.use_backend(backend):
             torch.manual_seed(123)

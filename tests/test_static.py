@@ -54,3 +54,24 @@ def test_recorded_launch_specialises_like_the_jit():
         """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["8", "1", "[['tt.divisibility',", "16]]", "[]"]
+
+
+def test_calibration_points_within_25_percent_of_published():
+    """The model against published timings of public kernels (bench/calibration.py): every point's published ÷
+    predicted within ±25%, and the report's "calibration" objects carry the fields the issue names."""
+    pytest.importorskip("liger_kernel", reason="liger-kernel (the dev extra) is not installed: the calibration "
+                                               "kernels cannot be compiled")
+    proc = _python("""
+        import json
+        from genfast.bench import calibration
+        print(json.dumps(calibration.records(calibration.compile_all())))
+        """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = json.loads(proc.stdout.splitlines()[-1])
+    assert points
+    fields = {"kernel", "version", "shape", "dtype", "gpu", "source", "published_us", "predicted_us"}
+    assert all(fields <= set(p) for p in points)
+    off = [f"{p['kernel']} {p['shape']} {p['dtype']}: published {p['published_us']:.1f} µs, predicted "
+           f"{p['predicted_us']:.1f} µs" for p in points if not 0.75 <= p["published_us"] / p["predicted_us"] <= 1.25]
+    assert not off, "\n".join(off)
+    assert all(p["predicted_low_us"] <= p["predicted_us"] <= p["predicted_high_us"] for p in points)

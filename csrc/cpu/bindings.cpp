@@ -11,9 +11,12 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/python.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -22,6 +25,17 @@ using Opt = std::optional<at::Tensor>;
 using Pair = std::tuple<Tensor, Tensor>;
 using Str = c10::string_view;  // a schema's str (pybind11 passes a Python str's UTF-8 buffer)
 using OptFloat = std::optional<double>;
+
+// A new autograd node as the installed torch holds one: torch 2.14 by c10::intrusive_ptr (Node derives from
+// intrusive_ptr_target), torch 2.11 (the GPU machine's) by std::shared_ptr.
+template <typename NodeType, typename... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>) {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  } else {
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
+  }
+}
 
 // Defines ``name`` on ``m`` as the typed call of genfast::<name>: ``typed`` checks Sig against the schema and the
 // kernels' C++ signatures when the module loads. The GIL is released for the call, as torch.ops does.
@@ -89,7 +103,7 @@ struct GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
     // create_graph: the gradients are not differentiable; differentiating them raises (as the registered backward
     // op, which has no autograd formula, does) instead of silently giving no second-order gradient
     if (torch::autograd::compute_requires_grad(grads[0], x, saved[1], saved[2], saved[3], saved[4], saved[5])) {
-      auto error = c10::make_intrusive<torch::autograd::Error>(
+      auto error = make_node<torch::autograd::Error>(
           "genfast.group_norm_silu has no double backward: its gradient is not differentiable",
           torch::autograd::collect_next_edges(grads[0], x, saved[1], saved[2], saved[3], saved[4], saved[5]));
       for (auto& grad : none) {

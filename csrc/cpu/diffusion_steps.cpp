@@ -5,6 +5,8 @@
 // x̂₀ rounds its two products as the reference's separate multiplications do (no FMA), so that the threshold's
 // quantile equals the reference's bitwise.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/quantile.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -327,15 +329,33 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_backward(
 
 // ---- the dynamic threshold: s_b = min(max(quantile(|x̂₀_b|, ratio), 1), max_value) ----------------------------
 
-// Where the ratio quantile of n values lies, as genfast._shared.quantile_position computes it for fp32: the order
-// statistics lo ≤ hi (0-based, ascending) and the weight of torch.lerp between them.
+// Where the ratio quantile of n values lies, as genfast._shared.quantile_position computes it for fp32 (the rank in
+// double or in float, as the installed torch forms it): the order statistics lo ≤ hi (0-based, ascending) and the
+// weight of torch.lerp between them.
 struct QuantilePosition {
   int64_t lo, hi;
   float weight;
 };
 
+// Whether the installed torch.quantile forms a float input's ranks in double (torch 2.14; pytorch#187574) rather
+// than in float (torch 2.11): asked of torch itself, once, by the quantile whose two answers differ (the values
+// 0, …, 0, 1: the quantile is the weight); genfast._shared.torch_ranks_in_float64 asks the same.
+bool torch_ranks_in_double() {
+  static const bool in_double = [] {
+    constexpr int64_t n = 70;
+    constexpr double ratio = 0.995;
+    at::Tensor values = at::zeros({n}, at::kFloat);
+    values.data_ptr<float>()[n - 1] = 1.0f;
+    const double rank = static_cast<double>(static_cast<float>(ratio)) * static_cast<double>(n - 1);
+    const float weight = static_cast<float>(rank - std::floor(rank));
+    return at::quantile(values, ratio).item<float>() == weight;
+  }();
+  return in_double;
+}
+
 QuantilePosition quantile_position(int64_t n, double ratio) {
-  const double rank = static_cast<double>(static_cast<float>(ratio)) * static_cast<double>(n - 1);
+  double rank = static_cast<double>(static_cast<float>(ratio)) * static_cast<double>(n - 1);
+  if (!torch_ranks_in_double()) rank = static_cast<double>(static_cast<float>(rank));
   const int64_t lo = std::min(static_cast<int64_t>(rank), n - 1);
   const int64_t hi = std::min(lo + (rank > static_cast<double>(lo) ? 1 : 0), n - 1);
   return {lo, hi, static_cast<float>(rank - static_cast<double>(lo))};
