@@ -55,7 +55,7 @@ compare: $(STAMP)
 
 # `make gpu-stack`: the GPU machine's stack (Python 3.12, torch 2.11, Triton 3.6, numpy 2.5; no diffusers) in
 # .venv-gpu-stack on this CPU machine: gpu-check's offline install, `make gpu-check DRY_RUN=1`, the static quick
-# report and the CPU suite, logged to bench/results/gpu-stack-<date>.log (.ci/gpu-stack; 17 minutes on 2 cores with the
+# report and the CPU suite, logged to bench/results/gpu-stack-<date>.log (.ci/gpu-stack; 17-22 minutes on 2 cores with the
 # extension built before, about 30 with its first CUDA build). GPU_STACK_VENV=DIR puts the venv elsewhere.
 .PHONY: gpu-stack
 gpu-stack:

@@ -372,7 +372,7 @@ def environment(folder: Path, commit: Optional[str]) -> int:
 
 # ---- the install stage's prerequisites ---------------------------------------------------------------------------
 
-SETUPTOOLS_EDITABLE = (64,)  # the first setuptools with PEP 660 editable installs (pip install -e without setup.py develop)
+SETUPTOOLS_EDITABLE = (64,)  # the first setuptools with PEP 660 editable installs (no setup.py develop)
 SETUPTOOLS_OWN_WHEEL = (70, 1)  # the first that builds wheels without the wheel package
 
 

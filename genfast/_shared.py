@@ -54,7 +54,7 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return struct.unpack("f", struct.pack("f", value))[0] if dtype == torch.float32 else value
 
 
-QUANTILE_PROBE = (70, 0.995)  # values 0, …, 0, 1: the quantile is the weight, which the two rank precisions round apart
+QUANTILE_PROBE = (70, 0.995)  # values 0, …, 0, 1: the quantile is the weight, which the two precisions round apart
 
 
 def _torch_ranks_in_float64() -> bool:

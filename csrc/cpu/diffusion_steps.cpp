@@ -339,7 +339,7 @@ struct QuantilePosition {
 
 // Whether the installed torch.quantile forms a float input's ranks in double (torch 2.14; pytorch#187574) rather
 // than in float (torch 2.11): asked of torch itself, once, by the quantile whose two answers differ (the values
-// 0, …, 0, 1: the quantile is the weight); genfast._shared.torch_ranks_in_float64 asks the same.
+// 0, …, 0, 1: the quantile is the weight); genfast._shared.TORCH_RANKS_IN_FLOAT64 asks the same.
 bool torch_ranks_in_double() {
   static const bool in_double = [] {
     constexpr int64_t n = 70;
